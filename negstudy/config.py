@@ -1,0 +1,225 @@
+"""Typed config schemas (registered in Hydra's ConfigStore) and the semantic checks.
+
+Hydra type-checks every group against these dataclasses when it composes the config;
+:func:`validate` then checks meaning (ranges, names, paths) before any model is loaded, and
+raises :class:`ConfigError` whose one-line message names the key, the bad value and what is
+allowed. The app prints that line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from negstudy.errors import ConfigError
+from negstudy.schedules import SCHEDULES, make_schedule
+
+SCHEDULERS = ("default", "pndm", "ddim", "euler", "dpmpp")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+CATEGORIES = ("object", "attribute")
+RECORDABLE = ("eps", "latents")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: str = MISSING  # hub id ("org/name"), a local diffusers directory, or builtin:<name>
+    scheduler: str = "default"  # default = the checkpoint's own scheduler config
+    dtype: str = "auto"  # auto = fp16 on CUDA, fp32 elsewhere
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    local_files_only: bool = False
+    allow_pickle: bool = False  # load .bin/.ckpt weights only when the user opts in
+
+
+@dataclass
+class PromptPair:
+    prompt: str = MISSING
+    negative: str = MISSING
+    category: str = "object"  # object (a noun the image may contain) or attribute (a global adjective)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    pairs: list[PromptPair] = field(default_factory=list)
+    limit: Optional[int] = None
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = MISSING
+
+
+@dataclass
+class FromStepConfig(ScheduleConfig):
+    start: Union[int, float] = 0
+
+
+@dataclass
+class FirstKConfig(ScheduleConfig):
+    k: Union[int, float] = 0
+
+
+@dataclass
+class WindowConfig(ScheduleConfig):
+    start: Union[int, float] = 0
+    end: Union[int, float] = 0
+
+
+@dataclass
+class InjectConfig(ScheduleConfig):
+    steps: list[Union[int, float]] = field(default_factory=list)
+    g: float = 10.0
+
+
+@dataclass
+class EvaluatorConfig:
+    name: str = "none"
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    project: str = "negstudy"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SweepConfig:
+    name: str = "single"
+
+
+@dataclass
+class NegstudyConfig:
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    schedule: Any = MISSING
+    evaluator: EvaluatorConfig = MISSING
+    logger: LoggerConfig = MISSING
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    steps: int = 30
+    guidance_scale: float = 7.5
+    seeds: list[int] = field(default_factory=lambda: [0])
+    batch_size: int = 8
+    height: Optional[int] = None
+    width: Optional[int] = None
+    device: str = "auto"
+    three_branches: bool = False  # compute eps_pos, eps_neg and eps_empty at every step
+    record: list[str] = field(default_factory=list)  # per-step tensors the job keeps: eps, latents
+    save_images: bool = True
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="negstudy_schema", node=NegstudyConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
+    cs.store(group="evaluator", name="evaluator_schema", node=EvaluatorConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="sweep", name="sweep_schema", node=SweepConfig)
+    for name, node in [
+        ("never", ScheduleConfig),
+        ("always", ScheduleConfig),
+        ("from_step", FromStepConfig),
+        ("first_k", FirstKConfig),
+        ("window", WindowConfig),
+        ("inject", InjectConfig),
+    ]:
+        cs.store(group="schedule", name=f"{name}_schema", node=node)
+
+
+def _allowed(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: allowed values are {', '.join(map(str, allowed))}")
+
+
+def builtin_model_dir(name: str) -> Path:
+    """Directory of a model shipped inside the package (``builtin:shapes``)."""
+    return Path(__file__).parent / "models" / name
+
+
+def resolve_model_path(path: str) -> tuple[str, bool]:
+    """(path or hub id to hand to ``from_pretrained``, whether it is local)."""
+    if path.startswith(BUILTIN_PREFIX):
+        name = path[len(BUILTIN_PREFIX) :]
+        local = builtin_model_dir(name)
+        if not (local / "model_index.json").exists():
+            shipped = sorted(p.name for p in local.parent.glob("*/model_index.json")) if local.parent.exists() else []
+            raise ConfigError(f"model.path={path!r}: no shipped model of that name (shipped: {', '.join(shipped) or 'none'})")
+        return str(local), True
+    expanded = Path(path).expanduser()
+    if path.startswith(("/", "./", "../", "~")) or expanded.exists():
+        if not (expanded / "model_index.json").exists():
+            raise ConfigError(
+                f"model.path={path!r}: not a diffusers model directory (no model_index.json there); "
+                "give a local directory written by save_pretrained or a hub id such as stabilityai/stable-diffusion-2-base"
+            )
+        return str(expanded), True
+    if not HUB_ID.match(path):
+        raise ConfigError(f"model.path={path!r}: neither an existing local directory nor a hub id of the form org/name")
+    return path, False
+
+
+def validate(cfg: DictConfig) -> None:
+    """Semantic checks that need no model; raises ConfigError (one line)."""
+    if cfg.steps < 1:
+        raise ConfigError(f"steps={cfg.steps}: must be >= 1")
+    if not cfg.guidance_scale > 0:
+        raise ConfigError(f"guidance_scale={cfg.guidance_scale}: must be > 0")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size}: must be >= 1")
+    if not cfg.seeds:
+        raise ConfigError("seeds=[]: give at least one seed")
+    for key in ("height", "width"):
+        v = cfg.get(key)
+        if v is not None and (v < 8 or v % 8):
+            raise ConfigError(f"{key}={v}: must be a positive multiple of 8")
+    _allowed("device", cfg.device, DEVICES)
+    for item in cfg.record:
+        _allowed("record", item, RECORDABLE)
+    _allowed("model.scheduler", cfg.model.scheduler, SCHEDULERS)
+    _allowed("model.dtype", cfg.model.dtype, DTYPES)
+    resolve_model_path(cfg.model.path)
+    if not cfg.dataset.pairs:
+        raise ConfigError(f"dataset.pairs=[] (dataset {cfg.dataset.name!r}): the prompt set is empty")
+    if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
+        raise ConfigError(f"dataset.limit={cfg.dataset.limit}: must be >= 1 or null")
+    for i, pair in enumerate(cfg.dataset.pairs):
+        if not str(pair.prompt).strip():
+            raise ConfigError(f"dataset.pairs[{i}].prompt={pair.prompt!r}: must be non-empty")
+        _allowed(f"dataset.pairs[{i}].category", pair.category, CATEGORIES)
+    _allowed("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
+    schedule_from_config(cfg.schedule).plan(_n_calls_for(cfg))
+
+
+def schedule_from_config(node: DictConfig):
+    params = OmegaConf.to_container(node, resolve=True)
+    name = params.pop("name", None)
+    if name not in SCHEDULES:
+        raise ConfigError(f"schedule.name={name!r}: allowed values are {', '.join(SCHEDULES)}")
+    return make_schedule(name, **params)
+
+
+def _n_calls_for(cfg: DictConfig) -> int:
+    """UNet calls of the loop, from the scheduler config alone (no weights are loaded)."""
+    from negstudy.models import load_scheduler
+    from negstudy.schedules import n_calls
+
+    try:
+        scheduler = load_scheduler(cfg.model)
+    except ConfigError:
+        raise
+    except Exception:  # remote checkpoint not reachable yet: the loader reports it properly later
+        return cfg.steps + (1 if cfg.model.scheduler in ("default", "pndm") else 0)
+    return n_calls(scheduler, cfg.steps)

@@ -1,0 +1,190 @@
+"""negstudy's denoising loop: one trajectory per image, the negative prompt scheduled step by step.
+
+Shapes: B images per call; latents ``(B, C, h, w)`` (C=4, h=H/8 for Stable Diffusion; C=3, h=H for
+the pixel-space shapes model); noise predictions have the latents' shape. Step indices are
+UNet-call indices (see :mod:`negstudy.schedules`).
+
+At every step the loop makes ONE batched UNet call holding, for each image, the positive
+branch and the unconditional-side branch(es) its schedule needs (negative, empty or both);
+with ``three_branches=True`` all three are computed at every step so analyses can compare
+them on the same trajectory. Batch rows are ordered [negative..., empty..., positive...], which
+for ``always`` is exactly diffusers' ``[negative, positive]`` order, so images match
+``StableDiffusionPipeline`` to float precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from negstudy.schedules import StepPlan
+
+BRANCHES = ("negative", "empty", "positive")
+
+
+@dataclass
+class StepState:
+    """What hooks see after the UNet call of step ``step`` and before the scheduler update.
+
+    latents: x_t, (B, C, h, w). eps: branch -> (B, C, h, w), NaN in the rows of images for
+    which that branch was not computed at this step. guided: the combined prediction the
+    scheduler receives. branch: per image, "negative", "empty" or "inject" (see StepPlan.branch).
+    """
+
+    step: int
+    timestep: int
+    latents: torch.Tensor
+    eps: dict[str, torch.Tensor]
+    guided: torch.Tensor
+    branch: list[str]
+
+
+class Hook:
+    """Per-step observer of the loop; override what you need. Hooks must not modify tensors."""
+
+    def on_start(self, sampler: "NegativeSampler", batch: "Batch") -> None: ...
+
+    def before_unet(self, step: int, rows: list[tuple[int, str]]) -> None:
+        """Called before the UNet call; ``rows[j] = (image index, branch)`` of batch row j."""
+
+    def on_step(self, state: StepState) -> None: ...
+
+    def on_end(self, images: np.ndarray) -> None: ...
+
+
+@dataclass
+class Batch:
+    """B images to generate: texts, seeds and one StepPlan per image."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    plans: list[StepPlan]
+    meta: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        n = len(self.prompts)
+        for name in ("negative_prompts", "seeds", "plans"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"Batch.{name} has {len(getattr(self, name))} entries for {n} prompts")
+
+    def __len__(self):
+        return len(self.prompts)
+
+
+class NegativeSampler:
+    """Step-scheduled negative-prompt sampling over a diffusers pipeline's components.
+
+    pipe: a loaded Stable Diffusion pipeline (unet, text_encoder, tokenizer, scheduler, vae or None
+    for pixel-space models). The sampler does not call the pipeline's ``__call__``.
+    """
+
+    def __init__(self, pipe, *, steps: int = 30, guidance_scale: float = 7.5, height: int | None = None,
+                 width: int | None = None, three_branches: bool = False, progress: bool = False):
+        self.pipe = pipe
+        self.unet, self.scheduler, self.vae = pipe.unet, pipe.scheduler, getattr(pipe, "vae", None)
+        self.steps = steps
+        self.guidance_scale = guidance_scale
+        self.three_branches = three_branches
+        self.progress = progress
+        scale = pipe.vae_scale_factor if self.vae is not None else 1
+        self.height = height or self.unet.config.sample_size * scale
+        self.width = width or self.unet.config.sample_size * scale
+        self.latent_shape = (self.unet.config.in_channels, self.height // scale, self.width // scale)
+        self._embeds: dict[str, torch.Tensor] = {}
+        self.scheduler.set_timesteps(steps)
+        self.n_calls = len(self.scheduler.timesteps)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Text embeddings (1, tokens, dim) of one prompt, cached: each text is encoded once."""
+        if text not in self._embeds:
+            with torch.no_grad():
+                emb, _ = self.pipe.encode_prompt(text, self.device, 1, False)
+            self._embeds[text] = emb
+        return self._embeds[text]
+
+    def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
+        """x_T for each seed, drawn from a CPU generator per image (as diffusers does with a list)."""
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        latents = randn_tensor((len(seeds), *self.latent_shape), generator=generators, device=self.device,
+                               dtype=self.unet.dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, hooks: Sequence[Hook] = ()) -> np.ndarray:
+        """Images (B, H, W, 3) float32 in [0, 1]."""
+        # 1. check inputs
+        for j, plan in enumerate(batch.plans):
+            if len(plan.negative) != self.n_calls:
+                raise ValueError(f"plan of image {j} covers {len(plan.negative)} steps; the loop makes {self.n_calls} UNet calls")
+        for hook in hooks:
+            hook.on_start(self, batch)
+        n = len(batch)
+        # 2. encode the positive, negative and empty prompts (once per distinct text)
+        embeds = {
+            "positive": torch.cat([self.encode(p) for p in batch.prompts]),
+            "negative": torch.cat([self.encode(p) for p in batch.negative_prompts]),
+            "empty": torch.cat([self.encode("")] * n),
+        }
+        # 3. timesteps
+        self.scheduler.set_timesteps(self.steps, device=self.device)
+        timesteps = self.scheduler.timesteps
+        # 4. initial latents and scheduler extras (eta=0 for DDIM, per-image generators for stochastic ones)
+        latents = self.initial_latents(batch.seeds)
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in batch.seeds]
+        extra = self.pipe.prepare_extra_step_kwargs(generators, 0.0)
+        s = self.guidance_scale
+        # 5. the denoising loop
+        for i, t in enumerate(tqdm(timesteps, desc="steps", leave=False, disable=not self.progress)):
+            rows = self._rows(batch.plans, i)
+            for hook in hooks:
+                hook.before_unet(i, rows)
+            index = torch.tensor([b for b, _ in rows], device=self.device)
+            model_in = self.scheduler.scale_model_input(latents[index], t)
+            cond = torch.cat([embeds[branch][b : b + 1] for b, branch in rows])
+            out = self.unet(model_in, t, encoder_hidden_states=cond, return_dict=False)[0]
+            eps = {branch: torch.full_like(latents, float("nan")) for branch in BRANCHES}
+            for j, (b, branch) in enumerate(rows):
+                eps[branch][b] = out[j]
+            guided = self._guide(eps, batch.plans, i, s)
+            state = StepState(i, int(t), latents, eps, guided, [p.branch(i) for p in batch.plans])
+            for hook in hooks:
+                hook.on_step(state)
+            latents = self.scheduler.step(guided, t, latents, **extra, return_dict=False)[0]
+        # 6. decode
+        images = self.decode(latents)
+        for hook in hooks:
+            hook.on_end(images)
+        return images
+
+    def _rows(self, plans: Sequence[StepPlan], step: int) -> list[tuple[int, str]]:
+        """(image, branch) rows of this step's UNet batch, ordered negative, empty, positive."""
+        wanted = [set(BRANCHES) if self.three_branches else plan.needs(step) | {"positive"} for plan in plans]
+        return [(b, branch) for branch in BRANCHES for b in range(len(plans)) if branch in wanted[b]]
+
+    def _guide(self, eps: dict[str, torch.Tensor], plans: Sequence[StepPlan], step: int, s: float) -> torch.Tensor:
+        """PAPER.md section 2: eps_u + s (eps_pos - eps_u), plus -g (eps_neg - eps_empty) on inject steps."""
+        use_neg = torch.tensor([bool(p.negative[step]) for p in plans], device=self.device).view(-1, 1, 1, 1)
+        uncond = torch.where(use_neg, eps["negative"], eps["empty"])
+        guided = uncond + s * (eps["positive"] - uncond)
+        gains = [float(p.inject[step]) for p in plans]
+        if any(gains):
+            g = torch.tensor(gains, device=self.device, dtype=guided.dtype).view(-1, 1, 1, 1)
+            push = torch.where(g != 0, eps["negative"] - eps["empty"], torch.zeros_like(guided))
+            guided = guided - g * push
+        return guided
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> images (B, H, W, 3) in [0, 1]; pixel-space models skip the VAE."""
+        if self.vae is not None:
+            latents = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(latents, output_type="np")
