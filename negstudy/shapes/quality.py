@@ -1,0 +1,158 @@
+"""Measured quality of a shapes-world model, read by the exact oracle.
+
+Protocol (all at the sampler's steps and guidance, PNDM 30 steps / 7.5 by default):
+1. Captions drawn from the world's own distribution (``sample_scene`` + ``caption``, seed fixed),
+   one image per caption, no negative. Scored: caption-exact (every named object present, the
+   named background, the named attribute present), strict-exact (also no unnamed object or
+   attribute), per-object recall, background accuracy, attribute recall, how often unnamed
+   objects / attributes appear.
+2. Negative prompts in the paper's setting: for every image of step 1 in which an object X appears
+   that the caption does NOT name, the same seed again with negative "X" at every step. Scored:
+   removal rate (X absent), survival of the named objects and the background, PSNR outside X's
+   region against the image without the negative. Likewise for unnamed attributes.
+Rates come with 95 % Wilson intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from negstudy.records import to_uint8
+from negstudy.sampler import Batch, NegativeSampler
+from negstudy.schedules import Always, Never
+from negstudy.shapes import oracle, world
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
+    """(rate, low, high): the 95 % Wilson score interval of k successes in n trials."""
+    if n == 0:
+        return (float("nan"),) * 3
+    p = k / n
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def psnr_outside(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
+    """PSNR (dB) between uint8 images a and b over the pixels outside ``region`` (bool, (H, W))."""
+    keep = ~region
+    if not keep.any():
+        return float("nan")
+    diff = a[keep].astype(np.float64) - b[keep].astype(np.float64)
+    mse = float((diff**2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+@dataclass
+class Generated:
+    captions: list[str]
+    seeds: list[int]
+    images: np.ndarray  # uint8 (N, 32, 32, 3)
+
+
+def _generate(sampler: NegativeSampler, captions, negatives, seeds, schedule, batch_size, progress=None):
+    plan = schedule.plan(sampler.n_calls)
+    out = []
+    for i in range(0, len(captions), batch_size):
+        sl = slice(i, i + batch_size)
+        batch = Batch(list(captions[sl]), list(negatives[sl]), list(seeds[sl]), [plan] * len(captions[sl]))
+        out.append(to_uint8(sampler.generate(batch)))
+        if progress:
+            progress.update(len(captions[sl]))
+    return np.concatenate(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
+
+
+def measure(sampler: NegativeSampler, n: int = 256, seed: int = 0, batch_size: int = 64, progress: bool = True) -> dict:
+    """Run the protocol above on ``n`` captions; return a flat dict of measured numbers."""
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng(seed)
+    captions = [world.caption(world.sample_scene(rng)) for _ in range(n)]
+    seeds = [seed * 100_000 + i for i in range(n)]
+    bar = tqdm(total=n, desc="plain", disable=not progress)
+    images = _generate(sampler, captions, [""] * n, seeds, Never(), batch_size, bar)
+    bar.close()
+    verdicts = oracle.inspect_batch(images)
+    specs = [world.parse_caption(c) for c in captions]
+
+    exact = strict = named_total = named_hit = bg_hit = attr_named = attr_hit = unnamed_obj = unnamed_attr = 0
+    obj_jobs, attr_jobs = [], []  # (index, concept)
+    for i, (v, s) in enumerate(zip(verdicts, specs)):
+        hits = [v.present(o) for o in s.objects]
+        named_total += len(hits)
+        named_hit += sum(hits)
+        bg_ok = v.background == s.background
+        bg_hit += bg_ok
+        attr_ok = s.attribute is None or v.attribute == s.attribute
+        if s.attribute:
+            attr_named += 1
+            attr_hit += v.attribute == s.attribute
+        extra = [o for o in v.objects if o not in s.objects]
+        extra_attr = v.attribute is not None and v.attribute != s.attribute
+        ok = all(hits) and bg_ok and attr_ok
+        exact += ok
+        strict += ok and not extra and not extra_attr
+        unnamed_obj += bool(extra)
+        unnamed_attr += extra_attr
+        obj_jobs += [(i, o) for o in extra]
+        if extra_attr and s.attribute is None:
+            attr_jobs.append((i, v.attribute))
+
+    result = {"n": n, "steps": sampler.steps, "n_calls": sampler.n_calls, "guidance_scale": sampler.guidance_scale}
+    for key, (k, m) in {
+        "caption_exact": (exact, n), "strict_exact": (strict, n), "object_recall": (named_hit, named_total),
+        "background_right": (bg_hit, n), "attribute_recall": (attr_hit, attr_named),
+        "images_with_unnamed_object": (unnamed_obj, n), "images_with_unnamed_attribute": (unnamed_attr, n),
+    }.items():
+        result[key], result[key + "_lo"], result[key + "_hi"] = wilson(k, m)
+        result[key + "_n"] = m
+
+    # negative "X" at every step, on the seeds where X appeared unnamed
+    for kind, jobs in (("object", obj_jobs), ("attribute", attr_jobs)):
+        if not jobs:
+            continue
+        idx = [i for i, _ in jobs]
+        bar = tqdm(total=len(jobs), desc=f"negative {kind}", disable=not progress)
+        neg_images = _generate(sampler, [captions[i] for i in idx], [c for _, c in jobs], [seeds[i] for i in idx],
+                               Always(), batch_size, bar)
+        bar.close()
+        neg_verdicts = oracle.inspect_batch(neg_images)
+        removed = kept_named = kept_bg = 0
+        psnrs = []
+        for (i, concept), img, v in zip(jobs, neg_images, neg_verdicts):
+            s = specs[i]
+            gone = not v.present(concept) if kind == "object" else v.attribute != concept
+            removed += gone
+            kept_named += all(v.present(o) for o in s.objects)
+            kept_bg += v.background == verdicts[i].background
+            if kind == "object":
+                region = verdicts[i].objects[concept] | v.objects.get(concept, np.zeros_like(verdicts[i].objects[concept]))
+                psnrs.append(psnr_outside(images[i], img, region))
+        m = len(jobs)
+        for key, k in ((f"{kind}_removal", removed), (f"{kind}_named_kept", kept_named), (f"{kind}_background_kept", kept_bg)):
+            result[key], result[key + "_lo"], result[key + "_hi"] = wilson(k, m)
+            result[key + "_n"] = m
+        if psnrs:
+            finite = np.array([p for p in psnrs if np.isfinite(p)])
+            result["object_psnr_outside_median"] = float(np.median(finite)) if len(finite) else float("inf")
+            result["object_psnr_outside_mean"] = float(finite.mean()) if len(finite) else float("inf")
+    return result
+
+
+def format_report(r: dict) -> str:
+    """A Markdown table of :func:`measure`'s result."""
+    lines = [f"n = {r['n']} captions, {r['steps']} steps ({r['n_calls']} UNet calls), guidance {r['guidance_scale']}", "",
+             "| measure | rate | 95 % CI | n |", "|---|---|---|---|"]
+    for key in ("caption_exact", "strict_exact", "object_recall", "background_right", "attribute_recall",
+                "images_with_unnamed_object", "images_with_unnamed_attribute", "object_removal", "object_named_kept",
+                "object_background_kept", "attribute_removal", "attribute_named_kept", "attribute_background_kept"):
+        if key in r:
+            lines.append(f"| {key} | {r[key]:.1%} | {r[key + '_lo']:.1%} - {r[key + '_hi']:.1%} | {r[key + '_n']} |")
+    if "object_psnr_outside_median" in r:
+        lines.append(f"| PSNR outside the removed object (median / mean, dB) | {r['object_psnr_outside_median']:.1f} / "
+                     f"{r['object_psnr_outside_mean']:.1f} | | {r['object_removal_n']} |")
+    return "\n".join(lines)
