@@ -56,6 +56,9 @@ class Hook:
 
     def on_end(self, images: np.ndarray) -> None: ...
 
+    def close(self) -> None:
+        """Always called when ``generate`` returns or raises: release what ``on_start`` took."""
+
 
 @dataclass
 class Batch:
@@ -121,33 +124,64 @@ class NegativeSampler:
 
     @torch.no_grad()
     def generate(self, batch: Batch, hooks: Sequence[Hook] = ()) -> np.ndarray:
-        """Images (B, H, W, 3) float32 in [0, 1]."""
+        """Images (B, H, W, 3) float32 in [0, 1].
+
+        Shared prefixes: images with the same prompt, negative prompt and seed whose schedules agree
+        on steps 0..i-1 are ONE lane of the UNet batch up to step i; where their schedules diverge the
+        lane is split (its latents and the scheduler's per-sample state are copied). A sweep over
+        every start step of a delayed negative thus costs about half of running each schedule alone,
+        with the same images. Hooks see per-image tensors; ``before_unet`` rows name each lane by
+        its first image.
+        """
         # 1. check inputs
         for j, plan in enumerate(batch.plans):
             if len(plan.negative) != self.n_calls:
                 raise ValueError(f"plan of image {j} covers {len(plan.negative)} steps; the loop makes {self.n_calls} UNet calls")
-        for hook in hooks:
-            hook.on_start(self, batch)
-        n = len(batch)
-        # 2. encode the positive, negative and empty prompts (once per distinct text)
+        try:
+            for hook in hooks:
+                hook.on_start(self, batch)
+            images = self._loop(batch, hooks)
+            for hook in hooks:
+                hook.on_end(images)
+            return images
+        finally:
+            for hook in hooks:
+                hook.close()
+
+    def _loop(self, batch: Batch, hooks: Sequence[Hook]) -> np.ndarray:
+        # 2. lanes: one per distinct (prompt, negative, seed); encode each text once
+        keys = list(zip(batch.prompts, batch.negative_prompts, batch.seeds))
+        lanes: list[list[int]] = []
+        first: dict[tuple, int] = {}
+        for b, key in enumerate(keys):
+            if key not in first:
+                first[key] = len(lanes)
+                lanes.append([])
+            lanes[first[key]].append(b)
+        prompts, negatives, seeds = zip(*(keys[lane[0]] for lane in lanes))
         embeds = {
-            "positive": torch.cat([self.encode(p) for p in batch.prompts]),
-            "negative": torch.cat([self.encode(p) for p in batch.negative_prompts]),
-            "empty": torch.cat([self.encode("")] * n),
+            "positive": torch.cat([self.encode(p) for p in prompts]),
+            "negative": torch.cat([self.encode(p) for p in negatives]),
+            "empty": self.encode("").expand(len(lanes), -1, -1),
         }
         # 3. timesteps
         self.scheduler.set_timesteps(self.steps, device=self.device)
         timesteps = self.scheduler.timesteps
         # 4. initial latents and scheduler extras (eta=0 for DDIM, per-image generators for stochastic ones)
-        latents = self.initial_latents(batch.seeds)
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in batch.seeds]
-        extra = self.pipe.prepare_extra_step_kwargs(generators, 0.0)
+        latents = self.initial_latents(seeds)
+        extra = self.pipe.prepare_extra_step_kwargs([torch.Generator("cpu").manual_seed(int(x)) for x in seeds], 0.0)
         s = self.guidance_scale
         # 5. the denoising loop
         for i, t in enumerate(tqdm(timesteps, desc="steps", leave=False, disable=not self.progress)):
-            rows = self._rows(batch.plans, i)
+            lanes, source = self._split(lanes, batch.plans, i)
+            if len(source) != latents.shape[0]:
+                index = torch.tensor(source, device=self.device)
+                latents = self._copy_rows(latents, index)
+                embeds = {k: v[index] for k, v in embeds.items()}
+            plans = [batch.plans[lane[0]] for lane in lanes]
+            rows = self._rows(plans, i)
             for hook in hooks:
-                hook.before_unet(i, rows)
+                hook.before_unet(i, [(lanes[b][0], branch) for b, branch in rows])
             index = torch.tensor([b for b, _ in rows], device=self.device)
             model_in = self.scheduler.scale_model_input(latents[index], t)
             cond = torch.cat([embeds[branch][b : b + 1] for b, branch in rows])
@@ -155,16 +189,52 @@ class NegativeSampler:
             eps = {branch: torch.full_like(latents, float("nan")) for branch in BRANCHES}
             for j, (b, branch) in enumerate(rows):
                 eps[branch][b] = out[j]
-            guided = self._guide(eps, batch.plans, i, s)
-            state = StepState(i, int(t), latents, eps, guided, [p.branch(i) for p in batch.plans])
-            for hook in hooks:
-                hook.on_step(state)
+            guided = self._guide(eps, plans, i, s)
+            if hooks:
+                lane_of = torch.empty(len(batch), dtype=torch.long)
+                for k, lane in enumerate(lanes):
+                    lane_of[lane] = k
+                lane_of = lane_of.to(self.device)
+                state = StepState(i, int(t), latents[lane_of], {k: v[lane_of] for k, v in eps.items()},
+                                  guided[lane_of], [p.branch(i) for p in batch.plans])
+                for hook in hooks:
+                    hook.on_step(state)
             latents = self.scheduler.step(guided, t, latents, **extra, return_dict=False)[0]
-        # 6. decode
-        images = self.decode(latents)
-        for hook in hooks:
-            hook.on_end(images)
-        return images
+        # 6. decode each lane once
+        decoded = self.decode(latents)
+        out = np.empty((len(batch), *decoded.shape[1:]), dtype=decoded.dtype)
+        for k, lane in enumerate(lanes):
+            out[lane] = decoded[k]
+        return out
+
+    @staticmethod
+    def _split(lanes: list[list[int]], plans: Sequence[StepPlan], step: int) -> tuple[list[list[int]], list[int]]:
+        """Split each lane whose images take different actions at ``step``; ``source[k]`` is the old
+        lane the new lane ``k`` continues."""
+        new, source = [], []
+        for k, lane in enumerate(lanes):
+            groups: dict[tuple, list[int]] = {}
+            for b in lane:
+                groups.setdefault((bool(plans[b].negative[step]), float(plans[b].inject[step])), []).append(b)
+            for group in groups.values():
+                new.append(group)
+                source.append(k)
+        return new, source
+
+    def _copy_rows(self, latents: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Latents and the scheduler's per-sample state (e.g. PNDM's past predictions) for new lanes."""
+        n, shape = latents.shape[0], latents.shape[1:]
+
+        def pick(value):
+            if isinstance(value, torch.Tensor) and value.ndim == latents.ndim and value.shape[0] == n and value.shape[1:] == shape:
+                return value[index]
+            if isinstance(value, list):
+                return [pick(v) for v in value]
+            return value
+
+        for name, value in vars(self.scheduler).items():
+            setattr(self.scheduler, name, pick(value))
+        return latents[index]
 
     def _rows(self, plans: Sequence[StepPlan], step: int) -> list[tuple[int, str]]:
         """(image, branch) rows of this step's UNet batch, ordered negative, empty, positive."""

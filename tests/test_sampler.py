@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from negstudy.sampler import Batch, Hook, NegativeSampler
-from negstudy.schedules import Always, FirstK, Inject, Never, Window
+from negstudy.schedules import Always, FirstK, FromStep, Inject, Never, Window
 from negstudy.tiny import tiny_pipeline
 
 PROMPT, NEG = "a cat on the grass", "dog"
@@ -105,3 +105,37 @@ def test_plan_length_must_match_the_loop():
     sampler = NegativeSampler(tiny_pipeline(0), steps=6)
     with pytest.raises(ValueError, match="covers 6 steps; the loop makes 7 UNet calls"):
         sampler.generate(Batch([PROMPT], [NEG], [0], [Always().plan(6)]))
+
+
+def count_rows(pipe):
+    rows = []
+    handle = pipe.unet.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    return rows, handle
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim"])
+@pytest.mark.parametrize("family", ["from_step", "first_k", "window"])
+def test_shared_prefix_engine_equals_independent_runs(scheduler, family):
+    pipe = tiny_pipeline(2, scheduler=scheduler)
+    sampler = NegativeSampler(pipe, steps=6)
+    n = sampler.n_calls
+    if family == "from_step":
+        schedules = [FromStep(k) for k in range(n + 1)]
+    elif family == "first_k":
+        schedules = [FirstK(k) for k in range(n + 1)]
+    else:
+        schedules = [Window(a, min(a + 2, n - 1)) for a in range(n)]
+    plans = [sc.plan(n) for sc in schedules]
+    m = len(plans)
+    rows, handle = count_rows(pipe)
+    shared = sampler.generate(Batch([PROMPT] * m, [NEG] * m, [5] * m, plans))
+    shared_rows = sum(rows)
+    rows.clear()
+    alone = np.concatenate([sampler.generate(Batch([PROMPT], [NEG], [5], [p])) for p in plans])
+    alone_rows = sum(rows)
+    handle.remove()
+    assert np.abs(shared - alone).max() < 1e-5
+    assert alone_rows == 2 * n * m
+    assert shared_rows < 0.75 * alone_rows  # prefixes ran once
+    if family == "from_step":  # lanes at step i: never-lane + one per k <= i  ->  sum_i (i + 2) ... minus the k = n lane
+        assert shared_rows == 2 * sum(min(i + 2, m) for i in range(n))

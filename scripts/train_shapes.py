@@ -1,0 +1,649 @@
+#!/usr/bin/env python
+"""Train the "shapes" text-to-image model: a pixel-space 32x32 RGB diffusion model.
+
+A UNet2DConditionModel (no VAE: it denoises the image itself, scaled to [-1, 1]) and a
+CLIPTextModel, both trained from scratch and jointly, on captioned scenes that
+`negstudy.shapes.world.sample_dataset` draws on the fly (fresh data in every chunk, never
+repeated). The result is exported (EMA weights) as a diffusers-format directory laid out like
+a Stable Diffusion checkpoint, `<out>/model/`, with unet/, text_encoder/, tokenizer/,
+scheduler/ (Stable Diffusion 2 base's PNDM config) and model_index.json.
+
+Budget-driven: `--minutes` (total training wall time, default 85) and/or `--steps` (total
+optimizer steps). Both count over the whole run, resumed sessions included; the cosine decay of
+the learning rate follows whichever budget is closer to exhaustion. `<out>/checkpoint/` is
+written atomically every `--save-every-minutes` and at the end; `--resume` continues from it.
+
+Examples:
+    python scripts/train_shapes.py --out runs/shapes                 # 85 min, auto device
+    python scripts/train_shapes.py --out runs/shapes --minutes 8 --batch-size 512 --sample 64
+    python scripts/train_shapes.py --out runs/shapes --resume --minutes 120
+    python scripts/train_shapes.py --out /tmp/t --steps 3 --batch-size 4 --device cpu \\
+        --unet-channels 32,32,32 --text-layers 1 --text-width 32 --chunk-size 64
+
+Imports only torch, numpy, tqdm, diffusers, transformers, the standard library and
+negstudy.shapes.world / negstudy.tokenizer, so it runs wherever those exist (e.g. diffusers on
+PYTHONPATH on a GPU machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import struct
+import sys
+import time
+import warnings
+import zlib
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:  # `python scripts/train_shapes.py` puts scripts/, not the repo, on the path
+    sys.path.insert(0, str(_REPO))
+
+import diffusers  # noqa: E402
+from diffusers import DDPMScheduler, PNDMScheduler, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+MAX_LEN = 77
+BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+RESOLUTION_DEFAULT = 32
+P_UNCOND = 0.1
+EMA_DECAY = 0.999
+WARMUP_STEPS = 500
+LR_FLOOR = 0.1  # cosine decays to 10 % of the peak
+SAMPLE_SEED = 1_000_003  # world seed of the fixed sample captions (never a training seed in practice)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="output directory (checkpoint/, model/, tokenizer/, samples.png)")
+    p.add_argument("--minutes", type=float, default=85.0, help="total training wall-time budget in minutes, resumed sessions included (<= 0: none; default 85)")
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: no step limit)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 on CPU, 256 on CUDA")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint/ (model config comes from the checkpoint)")
+    p.add_argument("--save-every-minutes", type=float, default=10.0)
+    p.add_argument("--export-dtype", choices=("fp16", "fp32"), default="fp16", help="dtype of the exported unet/ and text_encoder/ weights")
+    p.add_argument("--sample", type=int, default=0, metavar="N", help="at the end, write a grid of N samples to <out>/samples.png (30 PNDM steps, CFG 7.5)")
+    # optimisation
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema-decay", type=float, default=EMA_DECAY)
+    p.add_argument("--offset-noise", type=float, default=0.1,
+                   help="std of a per-image, per-channel constant added to the training noise (offset noise): without it a "
+                        "32x32 pixel model reads the image mean colour from x_T and drifts to off-palette backgrounds")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start a fresh run from the weights of an exported model directory (fine-tuning; same architecture)")
+    p.add_argument("--p-uncond", type=float, default=P_UNCOND, help="probability of replacing the caption by \"\" (CFG dropout)")
+    # model (ignored with --resume: the checkpoint's config is used)
+    p.add_argument("--unet-channels", default="64,128,192", help="block_out_channels, comma-separated")
+    p.add_argument("--unet-layers", type=int, default=2, help="layers_per_block")
+    p.add_argument("--unet-heads", type=int, default=4, help="attention heads (diffusers' legacy attention_head_dim)")
+    p.add_argument("--down-blocks", default="DownBlock2D,CrossAttnDownBlock2D,CrossAttnDownBlock2D")
+    p.add_argument("--up-blocks", default="CrossAttnUpBlock2D,CrossAttnUpBlock2D,UpBlock2D")
+    p.add_argument("--norm-groups", type=int, default=None, help="norm_num_groups (default: gcd(32, channels))")
+    p.add_argument("--text-width", type=int, default=256, help="CLIP hidden size = UNet cross_attention_dim")
+    p.add_argument("--text-layers", type=int, default=4)
+    p.add_argument("--text-heads", type=int, default=4)
+    p.add_argument("--text-ffn", type=int, default=None, help="CLIP intermediate size (default 4 x width)")
+    # data / throughput
+    p.add_argument("--chunk-size", type=int, default=50_000, help="images per data chunk (fresh world seed per chunk)")
+    p.add_argument("--part-size", type=int, default=5_000, help="images per generation job inside a chunk")
+    p.add_argument("--data-workers", type=int, default=None, help="processes generating data (0: one background thread; default: min(8, cpus-2) on CUDA, 0 on CPU)")
+    p.add_argument("--world-kwargs", default="{}", help="JSON dict of extra keyword arguments for sample_dataset")
+    p.add_argument("--log-every", type=int, default=50, help="steps between progress-bar/log updates (one host sync each)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (unverified speed-up; off by default)")
+    args = p.parse_args(argv)
+    if (args.minutes is None or args.minutes <= 0) and args.steps is None:
+        p.error("give --steps or a positive --minutes")
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------------------------
+# models and schedulers
+
+
+def model_config_from_args(args, tokenizer: CLIPTokenizer) -> dict:
+    channels = tuple(int(c) for c in args.unet_channels.split(","))
+    down = tuple(s.strip() for s in args.down_blocks.split(","))
+    up = tuple(s.strip() for s in args.up_blocks.split(","))
+    if not (len(channels) == len(down) == len(up)):
+        raise SystemExit(f"--unet-channels ({len(channels)}), --down-blocks ({len(down)}), --up-blocks ({len(up)}) must have the same length")
+    groups = args.norm_groups or math.gcd(32, *channels)
+    if any(c % groups for c in channels):
+        raise SystemExit(f"--norm-groups {groups} must divide every channel count {channels}")
+    if any(c % args.unet_heads for c in channels):
+        raise SystemExit(f"--unet-heads {args.unet_heads} must divide every channel count {channels}")
+    if args.text_width % args.text_heads:
+        raise SystemExit(f"--text-heads {args.text_heads} must divide --text-width {args.text_width}")
+    unet = dict(
+        sample_size=RESOLUTION_DEFAULT, in_channels=3, out_channels=3,
+        block_out_channels=channels, layers_per_block=args.unet_layers,
+        down_block_types=down, up_block_types=up,
+        cross_attention_dim=args.text_width,
+        attention_head_dim=args.unet_heads,  # legacy naming: this is the number of heads
+        norm_num_groups=groups,
+    )
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=args.text_width,
+        intermediate_size=args.text_ffn or 4 * args.text_width,
+        num_hidden_layers=args.text_layers, num_attention_heads=args.text_heads,
+        max_position_embeddings=MAX_LEN, projection_dim=args.text_width,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return {"unet": unet, "text": text}
+
+
+def build_models(cfg: dict):
+    unet_kw = dict(cfg["unet"])
+    for k in ("block_out_channels", "down_block_types", "up_block_types"):
+        unet_kw[k] = tuple(unet_kw[k])
+    unet = UNet2DConditionModel(**unet_kw)
+    text = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
+    return unet, text
+
+
+def training_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**BETAS, prediction_type="epsilon", clip_sample=False)
+
+
+def inference_scheduler() -> PNDMScheduler:
+    # exactly Stable Diffusion 2 base's scheduler_config.json
+    return PNDMScheduler(**BETAS, prediction_type="epsilon", skip_prk_steps=True, steps_offset=1,
+                         set_alpha_to_one=False)
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def lr_at(args, step: int, elapsed: float) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine to LR_FLOOR x peak over the budget.
+
+    Progress is the larger of step/steps and elapsed/minutes, whichever budgets are set."""
+    warm = min(1.0, (step + 1) / max(1, args.warmup_steps))
+    prog = 0.0
+    if args.steps:
+        prog = max(prog, step / args.steps)
+    if args.minutes and args.minutes > 0:
+        prog = max(prog, elapsed / (60.0 * args.minutes))
+    prog = min(1.0, prog)
+    return args.lr * warm * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+
+# --------------------------------------------------------------------------------------------
+# data: chunks of freshly sampled scenes, generated ahead in background workers
+
+
+_WORKER_TOKENIZERS: dict[str, CLIPTokenizer] = {}
+
+
+def part_seed(seed: int, chunk: int, part: int) -> int:
+    return int(np.random.SeedSequence([seed, chunk, part]).generate_state(1)[0])
+
+
+def make_part(n: int, seed: int, tokenizer_dir: str, world_kwargs: dict):
+    """One generation job: n images (uint8 NHWC) and their captions tokenized to 77 ids."""
+    from negstudy.shapes.world import sample_dataset
+
+    tok = _WORKER_TOKENIZERS.get(tokenizer_dir)
+    if tok is None:
+        tok = _WORKER_TOKENIZERS[tokenizer_dir] = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    images, captions, _ = sample_dataset(n, seed=seed, **world_kwargs)
+    ids = tok(list(captions), padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="np").input_ids
+    return np.ascontiguousarray(images, dtype=np.uint8), ids.astype(np.int32)
+
+
+class ChunkSource:
+    """Chunk c = parts p of `part_size` images, part p sampled with seed SeedSequence([seed, c, p]).
+
+    The content depends only on (seed, chunk_size, part_size, c), not on the number of workers.
+    `get(c)` blocks for chunk c and keeps the next `prefetch` chunks in flight."""
+
+    def __init__(self, seed, chunk_size, part_size, tokenizer_dir, world_kwargs, workers, prefetch=2):
+        self.seed, self.chunk_size, self.part_size = seed, chunk_size, min(part_size, chunk_size)
+        self.tokenizer_dir, self.world_kwargs, self.prefetch = str(tokenizer_dir), world_kwargs, prefetch
+        if workers > 0:
+            self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+        else:
+            self.pool = ThreadPoolExecutor(1)
+        self.pending: dict[int, list] = {}
+
+    def _submit(self, c: int):
+        if c in self.pending:
+            return
+        jobs = []
+        for p, start in enumerate(range(0, self.chunk_size, self.part_size)):
+            n = min(self.part_size, self.chunk_size - start)
+            jobs.append(self.pool.submit(make_part, n, part_seed(self.seed, c, p), self.tokenizer_dir, self.world_kwargs))
+        self.pending[c] = jobs
+
+    def get(self, c: int):
+        for k in range(c, c + self.prefetch + 1):
+            self._submit(k)
+        parts = [j.result() for j in self.pending.pop(c)]
+        for k in [k for k in self.pending if k < c]:
+            for j in self.pending.pop(k):
+                j.cancel()
+        return np.concatenate([x for x, _ in parts]), np.concatenate([i for _, i in parts])
+
+    def close(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------------------------
+# EMA (diffusers EMAModel's warm-up: decay_t = min(decay, (1 + t) / (10 + t)))
+
+
+class EMA:
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.shadow = [copy.deepcopy(m).requires_grad_(False).eval() for m in modules]
+        self.src = [p for m in modules for p in m.parameters()]
+        self.dst = [p for m in self.shadow for p in m.parameters()]
+
+    @torch.no_grad()
+    def update(self, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.dst, self.src, 1.0 - d)
+
+    def state_dict(self):
+        return [m.state_dict() for m in self.shadow]
+
+    def load_state_dict(self, states):
+        for m, s in zip(self.shadow, states):
+            m.load_state_dict(s)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint, export, log
+
+
+def atomic_replace(tmp: Path, final: Path):
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def fresh_tmp(final: Path) -> Path:
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_log(path: Path, rows: list[list]):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss", "lr", "elapsed_s", "loss_window"])
+        w.writerows(rows)
+
+
+def save_checkpoint(out: Path, state: dict, log_rows: list[list]):
+    final = out / "checkpoint"
+    tmp = fresh_tmp(final)
+    torch.save(state, tmp / "state.pt")
+    write_log(tmp / "training_log.csv", log_rows)
+    (tmp / "progress.json").write_text(json.dumps({k: state[k] for k in ("step", "elapsed", "chunk", "pos")}, indent=1))
+    atomic_replace(tmp, final)
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    for name in ("checkpoint", "checkpoint.old"):  # .old only survives a crash between two renames
+        if (out / name / "state.pt").exists():
+            return out / name
+    return None
+
+
+@torch.no_grad()
+def cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A CPU copy with floating-point weights in `dtype` (tensor by tensor: no model-level .to() warnings)."""
+    m = copy.deepcopy(module).cpu()
+    for t in list(m.parameters()) + list(m.buffers()):
+        if t.is_floating_point():
+            t.data = t.data.to(dtype)
+    return m
+
+
+def export_model(out: Path, ema: EMA, dtype: torch.dtype, meta: dict, log_rows: list[list]):
+    final = out / "model"
+    tmp = fresh_tmp(final)
+    unet, text = ema.shadow
+    cast_copy(unet, dtype).save_pretrained(tmp / "unet", safe_serialization=True)
+    cast_copy(text, dtype).save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    shutil.copytree(out / "tokenizer", tmp / "tokenizer")
+    inference_scheduler().save_pretrained(tmp / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "vae": [None, None],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "negstudy": meta,
+    }
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_log(tmp / "training_log.csv", log_rows)
+    atomic_replace(tmp, final)
+
+
+def rng_state(device: torch.device) -> dict:
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def set_rng_state(s: dict, device: torch.device):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if device.type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+# --------------------------------------------------------------------------------------------
+# sampling (own minimal CFG loop) and PNG writing
+
+
+@torch.no_grad()
+def sample_images(unet, text, tokenizer, captions: list[str], device, seed=0, steps=30, scale=7.5) -> torch.Tensor:
+    sched = inference_scheduler()
+    sched.set_timesteps(steps)
+    n = len(captions)
+    ids = tokenizer([""] * n + list(captions), padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt").input_ids.to(device)
+    cond = text(ids).last_hidden_state
+    res = unet.config.sample_size
+    x = torch.randn((n, unet.config.in_channels, res, res), generator=torch.Generator().manual_seed(seed)).to(device)
+    x = x * sched.init_noise_sigma
+    for t in sched.timesteps:
+        xin = sched.scale_model_input(torch.cat([x, x]), t)
+        eps_u, eps_c = unet(xin, t, encoder_hidden_states=cond).sample.chunk(2)
+        x = sched.step(eps_u + scale * (eps_c - eps_u), t, x).prev_sample
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def write_png(path: Path, img: np.ndarray):
+    h, w, _ = img.shape
+    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    Path(path).write_bytes(png)
+
+
+def image_grid(images: np.ndarray, upscale=4, pad=2) -> np.ndarray:
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    H, W = h * upscale, w * upscale
+    grid = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, c), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        big = im.repeat(upscale, 0).repeat(upscale, 1)
+        grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + q * (W + pad): pad + q * (W + pad) + W] = big
+    return grid
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    if args.batch_size is None:
+        args.batch_size = 256 if cuda else 64
+    if args.data_workers is None:
+        args.data_workers = min(8, max(1, (os.cpu_count() or 2) - 2)) if cuda else 0
+    args.chunk_size = max(args.chunk_size, args.batch_size)
+    world_kwargs = json.loads(args.world_kwargs)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if cuda:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    from negstudy.shapes.world import VOCABULARY
+    from negstudy.tokenizer import save_clip_tokenizer
+
+    ckpt_dir = find_checkpoint(out)
+    if args.resume:
+        if ckpt_dir is None:
+            raise SystemExit(f"--resume: no checkpoint in {out}/checkpoint")
+        state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
+        tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
+        cfg = state["model_config"]
+        if state["seed"] != args.seed:
+            print(f"note: resuming with the checkpoint's seed {state['seed']} (not --seed {args.seed})")
+            args.seed = state["seed"]
+        if (state["chunk_size"], state["part_size"]) != (args.chunk_size, args.part_size):
+            print(f"note: resuming with the checkpoint's chunk/part size {state['chunk_size']}/{state['part_size']}")
+            args.chunk_size, args.part_size = state["chunk_size"], state["part_size"]
+        if state["batch_size"] != args.batch_size:
+            print(f"note: batch size {state['batch_size']} in the checkpoint, {args.batch_size} now")
+    else:
+        if ckpt_dir is not None:
+            raise SystemExit(f"{out} already holds a checkpoint: pass --resume, or choose another --out")
+        state = None
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        tokenizer = save_clip_tokenizer(list(VOCABULARY), out / "tokenizer", model_max_length=MAX_LEN)
+        tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
+        cfg = model_config_from_args(args, tokenizer)
+
+    unet, text = build_models(cfg)
+    if args.init_from is not None and state is None:
+        src = args.init_from
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(src), subfolder="unet").float().state_dict())
+        text.load_state_dict(CLIPTextModel.from_pretrained(str(src), subfolder="text_encoder").float().state_dict())
+        print(f"initialised from {src}", flush=True)
+    unet.to(device).train()
+    text.to(device).train()
+    nu, nt = n_params(unet), n_params(text)
+    print(f"device {device} | UNet {nu / 1e6:.2f}M params | text encoder {nt / 1e6:.2f}M params | total {(nu + nt) / 1e6:.2f}M | "
+          f"batch {args.batch_size} | vocab {len(tokenizer)}", flush=True)
+
+    params = list(unet.parameters()) + list(text.parameters())
+    opt_kw = dict(lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    if cuda:
+        opt_kw["fused"] = True
+    optimizer = torch.optim.AdamW(params, **opt_kw)
+    ema = EMA([unet, text], args.ema_decay)
+
+    step, elapsed_prev, chunk_idx, pos, perm = 0, 0.0, 0, 0, None
+    log_rows: list[list] = []
+    loss_smooth = None
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text_encoder"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed_prev = state["step"], state["elapsed"]
+        chunk_idx, pos, perm = state["chunk"], state["pos"], state["perm"]
+        log_rows, loss_smooth = state["log"], state["loss_smooth"]
+        set_rng_state(state["rng"], device)
+        print(f"resumed from {ckpt_dir} at step {step} ({elapsed_prev / 60:.1f} min trained)", flush=True)
+    fwd_unet = torch.compile(unet) if args.compile else unet
+
+    sched = training_scheduler()
+    ac = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
+    sqrt_ac, sqrt_1m_ac = ac.sqrt(), (1 - ac).sqrt()
+    empty_ids = tokenizer("", padding="max_length", max_length=MAX_LEN, return_tensors="pt").input_ids.to(device)
+    B = args.batch_size
+
+    source = ChunkSource(args.seed, args.chunk_size, args.part_size, out / "tokenizer", world_kwargs, args.data_workers)
+
+    def load_chunk(c: int):
+        imgs, ids = source.get(c)
+        imgs = torch.from_numpy(imgs).to(device).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW, stays on device
+        return imgs, torch.from_numpy(ids).to(device=device, dtype=torch.long)
+
+    t0 = time.monotonic()
+    chunk_imgs, chunk_ids = load_chunk(chunk_idx)
+    if perm is None or pos + B > len(perm):
+        perm, pos = torch.randperm(len(chunk_imgs)), 0
+    perm_dev = perm.to(device)
+    print(f"first data chunk ({len(chunk_imgs)} images) ready in {time.monotonic() - t0:.1f}s", flush=True)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    export_dtype = torch.float16 if args.export_dtype == "fp16" else torch.float32
+
+    def meta():
+        return {"pixel_space": True, "resolution": int(unet.config.sample_size), "world": "shapes",
+                "train_steps": step, "train_minutes": round(elapsed() / 60, 3), "batch_size": B,
+                "device": torch.cuda.get_device_name(device) if cuda else "cpu", "seed": args.seed,
+                "offset_noise": args.offset_noise, "init_from": str(args.init_from) if args.init_from else None}
+
+    t_start = time.monotonic()
+
+    def elapsed() -> float:
+        return elapsed_prev + time.monotonic() - t_start
+
+    def save():
+        st = {
+            "unet": unet.state_dict(), "text_encoder": text.state_dict(), "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed(), "lr": lr,
+            "chunk": chunk_idx, "pos": pos, "perm": perm, "rng": rng_state(device),
+            "log": log_rows, "loss_smooth": loss_smooth, "model_config": cfg, "seed": args.seed,
+            "chunk_size": args.chunk_size, "part_size": args.part_size, "batch_size": B, "args": vars(args) | {"out": str(out)},
+        }
+        save_checkpoint(out, st, log_rows)
+        export_model(out, ema, export_dtype, meta(), log_rows)
+
+    def budget_left() -> bool:
+        if args.steps is not None and step >= args.steps:
+            return False
+        if args.minutes and args.minutes > 0 and elapsed() >= 60 * args.minutes:
+            return False
+        return True
+
+    loss_acc = torch.zeros((), device=device)
+    n_acc = 0
+    lr = lr_at(args, step, elapsed())
+    last_save = time.monotonic()
+    bar = tqdm(total=args.steps, initial=step, unit="it", dynamic_ncols=True, mininterval=1.0, smoothing=0.1)
+    last_bar_step = step
+    try:
+        while budget_left():
+            if pos + B > len(perm):
+                chunk_idx += 1
+                chunk_imgs, chunk_ids = load_chunk(chunk_idx)
+                perm, pos = torch.randperm(len(chunk_imgs)), 0
+                perm_dev = perm.to(device)
+            idx = perm_dev[pos: pos + B]
+            pos += B
+            x0 = chunk_imgs[idx].float().div_(127.5).sub_(1.0)
+            ids = chunk_ids[idx]
+            drop = torch.rand(B, device=device) < args.p_uncond
+            ids = torch.where(drop[:, None], empty_ids, ids)
+            noise = torch.randn_like(x0)
+            if args.offset_noise:
+                noise = noise + args.offset_noise * torch.randn(B, x0.shape[1], 1, 1, device=device)
+            t = torch.randint(0, len(ac), (B,), device=device)
+            xt = sqrt_ac[t].view(B, 1, 1, 1) * x0 + sqrt_1m_ac[t].view(B, 1, 1, 1) * noise
+
+            lr = lr_at(args, step, elapsed())
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            with autocast:
+                cond = text(ids).last_hidden_state
+                pred = fwd_unet(xt, t, encoder_hidden_states=cond).sample
+            loss = F.mse_loss(pred.float(), noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            optimizer.step()
+            ema.update(step)
+            step += 1
+            loss_acc += loss.detach()
+            n_acc += 1
+
+            done = not budget_left()
+            if step % args.log_every == 0 or done:
+                window = (loss_acc / n_acc).item()  # the one host sync, every log_every steps
+                loss_acc.zero_()
+                n_acc = 0
+                loss_smooth = window if loss_smooth is None else 0.9 * loss_smooth + 0.1 * window
+                log_rows.append([step, f"{loss_smooth:.6f}", f"{lr:.6g}", f"{elapsed():.1f}", f"{window:.6f}"])
+                bar.update(step - last_bar_step)
+                last_bar_step = step
+                bar.set_postfix(loss=f"{loss_smooth:.4f}", lr=f"{lr:.2e}", min=f"{elapsed() / 60:.1f}")
+                if not math.isfinite(window):
+                    raise SystemExit(f"loss is {window} at step {step}; stopping (last checkpoint kept)")
+            if not done and time.monotonic() - last_save >= 60 * args.save_every_minutes:
+                save()
+                last_save = time.monotonic()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {step}; saving", flush=True)
+    finally:
+        bar.close()
+        source.close()
+
+    save()
+    print(f"trained {step} steps in {elapsed() / 60:.2f} min ({step / max(elapsed(), 1e-9):.2f} it/s overall); "
+          f"model exported to {out / 'model'}", flush=True)
+
+    if args.sample > 0:
+        from negstudy.shapes.world import sample_dataset
+
+        _, captions, _ = sample_dataset(args.sample, seed=SAMPLE_SEED, **world_kwargs)
+        captions = list(captions)
+        u, tx = ema.shadow
+        imgs = []
+        for i in range(0, len(captions), 256):
+            imgs.append(sample_images(u, tx, tokenizer, captions[i: i + 256], device, seed=args.seed + i))
+        write_png(out / "samples.png", image_grid(torch.cat(imgs).numpy()))
+        (out / "samples.txt").write_text("".join(f"{i}\t{c}\n" for i, c in enumerate(captions)))
+        print(f"wrote {out / 'samples.png'} ({len(captions)} samples; captions in samples.txt, row-major)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

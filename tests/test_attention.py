@@ -1,0 +1,239 @@
+"""Cross-attention reductions against hand-computed examples, and the recorder on the tiny model."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from negstudy.attention import (
+    AttentionRecorder,
+    heat_map,
+    iou,
+    latent_grid,
+    mass_in_mask,
+    select_layers,
+    slot_energy,
+    strength_ratio,
+    word_token_slots,
+)
+from negstudy.sampler import Batch, NegativeSampler
+from negstudy.schedules import Always, Window
+from negstudy.tiny import tiny_pipeline
+
+# 1-D bilinear (align_corners=False) weights from 2 to 4 samples: source coords -0.25, 0.25, 0.75, 1.25
+M_2_TO_4 = torch.tensor([[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]])
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(0)
+
+
+# ----------------------------------------------------------------------------- token slots
+
+
+def test_word_token_slots(pipe):
+    tok = pipe.tokenizer
+    assert word_token_slots(tok, "a cat on the grass", "cat") == [2]
+    assert word_token_slots(tok, "A Cat on the grass", "cat") == [2]  # case-insensitive
+    assert word_token_slots(tok, "a cat and a dog", "a") == [1, 4]  # every occurrence
+    assert word_token_slots(tok, "a cat", "dog") == []
+    # "eiffel" and "tower" are not in the tiny vocabulary: 6 and 5 character tokens after "a cat ,"
+    assert word_token_slots(tok, "a cat, Eiffel tower", "Eiffel Tower") == list(range(4, 15))
+    assert word_token_slots(tok, "a cat, Eiffel tower", "tower") == list(range(10, 15))
+    assert word_token_slots(tok, "a watchtower", "tower") == []  # whole words only
+    assert word_token_slots(tok, "grass, sky", "grass") == [1]  # the comma is not part of the word
+
+
+def test_word_token_slots_drop_what_the_encoder_truncates(pipe):
+    prompt = " ".join(["cat"] * 74 + ["dog", "dog"])  # 76 words: the second dog falls off slot 75
+    assert word_token_slots(pipe.tokenizer, prompt, "dog") == [75]
+    ids = pipe.tokenizer(prompt, truncation=True, max_length=77).input_ids
+    assert ids[75] == pipe.tokenizer("dog", add_special_tokens=False).input_ids[0]
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+def test_latent_grid():
+    assert latent_grid(4096, (64, 64)) == (64, 64)
+    assert latent_grid(64, (64, 64)) == (8, 8)
+    assert latent_grid(30, (9, 12)) == (5, 6)  # stride-2 convs round up
+    with pytest.raises(ValueError):
+        latent_grid(50, (64, 64))
+
+
+def test_slot_energy_hand_example():
+    # one head, a 2x2 layer, slot 0 = [[1, 0], [0, 0]], slot 1 = 0.5 everywhere; latents 4x4
+    probs = torch.zeros(1, 4, 2)
+    probs[0, 0, 0] = 1.0
+    probs[0, :, 1] = 0.5
+    e = slot_energy(probs, (4, 4))
+    # up(slot 0) = m m^T with m = (1, .75, .25, 0): mean square = (1 + .5625 + .0625)^2 / 16
+    assert e[0].item() == pytest.approx(1.625**2 / 16)
+    assert e[1].item() == pytest.approx(0.25)  # a constant map stays constant
+    two_heads = torch.cat([probs, 2 * probs])  # heads are summed: 1 + 4 times
+    assert slot_energy(two_heads, (4, 4))[0].item() == pytest.approx(5 * 1.625**2 / 16)
+    same_size = slot_energy(probs, (2, 2))  # no upsampling: plain mean of squares
+    assert same_size[0].item() == pytest.approx(0.25)
+
+
+def test_slot_energy_equals_explicit_upsampling():
+    torch.manual_seed(0)
+    probs = torch.rand(3, 5, 8 * 6, 7).softmax(-1)  # (batch, heads, 8x6 grid, 7 slots)
+    up = F.interpolate(probs.permute(0, 1, 3, 2).reshape(3, 35, 8, 6), size=(16, 11), mode="bilinear",
+                       align_corners=False)  # 8x6 is the grid of 16x11 latents
+    explicit = (up**2).mean((-2, -1)).reshape(3, 5, 7).sum(1)
+    torch.testing.assert_close(slot_energy(probs, (16, 11)), explicit, rtol=1e-5, atol=1e-7)
+
+
+def test_heat_map_hand_example():
+    probs = torch.zeros(2, 4, 3)  # 2 heads, 2x2 grid, 3 slots
+    probs[:, :, 0] = 7.0  # slot 0 (BOS) is not asked for
+    probs[0, 0, 1] = 2.0
+    probs[1, 0, 2] = 2.0  # mean over heads and slots 1, 2 -> [[1, 0], [0, 0]]
+    m = M_2_TO_4[:, 0]
+    torch.testing.assert_close(heat_map(probs, [1, 2], (4, 4)), torch.outer(m, m))
+    torch.testing.assert_close(heat_map(probs, [1, 2], (2, 2)), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    assert (heat_map(-probs, [1, 2], (4, 4)) == 0).all()  # clamped at 0
+
+
+def test_strength_ratio():
+    np.testing.assert_allclose(strength_ratio([1.0, 2.0, np.nan], [2.0, 2.0, 1.0]), [0.5, 1.0, np.nan])
+
+
+def test_mass_in_mask_and_iou():
+    heat = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    mask = np.array([[True, False], [False, True]])
+    assert mass_in_mask(heat, mask) == pytest.approx(0.5)
+    # >= 0.5 * 4 keeps {2, 3, 4}: intersection {4}, union all 4 cells
+    assert iou(heat, mask) == pytest.approx(0.25)
+    assert iou(heat, mask, threshold=0.8) == pytest.approx(0.5)  # keeps {4}
+    assert math.isnan(mass_in_mask(torch.zeros(2, 2), mask))
+    assert iou(torch.zeros(2, 2), mask) == 0.0
+    with pytest.raises(ValueError, match="resize the mask"):
+        mass_in_mask(heat, np.ones((4, 4), bool))
+
+
+def test_select_layers(pipe):
+    names = list(pipe.unet.attn_processors)
+    down_up = select_layers(names)
+    assert len(down_up) == 3 and all("attn2" in n and not n.startswith("mid") for n in down_up)
+    assert len(select_layers(names, "all")) == 4
+    assert select_layers(names, ["up_blocks.1.attentions.1"]) == ["up_blocks.1.attentions.1.transformer_blocks.0.attn2.processor"]
+    with pytest.raises(ValueError):
+        select_layers(names, "mid")
+    with pytest.raises(ValueError):
+        select_layers(names, ["nothing"])
+
+
+# ----------------------------------------------------------------------------- the recorder
+
+PROMPTS, NEGS = ["a cat on the grass", "a dog"], ["dog", "Eiffel tower"]
+
+
+def test_recorder_three_branches_shapes_and_identical_pixels(pipe):
+    sampler = NegativeSampler(pipe, steps=6, three_branches=True)
+    n, (h, w) = sampler.n_calls, sampler.latent_shape[1:]
+    batch = Batch(PROMPTS, NEGS, [0, 1], [Always().plan(n)] * 2)
+    before = dict(pipe.unet.attn_processors)
+    off = sampler.generate(batch)
+    rec = AttentionRecorder(pipe.unet, layers="all")  # includes the 8x8 mid block: upsampled
+    with rec:
+        now = pipe.unet.attn_processors
+        for name, proc in now.items():
+            assert (proc is before[name]) == ("attn2" not in name), name
+        on = sampler.generate(batch, [rec])
+    assert np.abs(on - off).max() == 0.0
+    after = pipe.unet.attn_processors
+    assert all(after[k] is before[k] for k in before)
+
+    table = rec.ratio_table()
+    for image in (0, 1):
+        for branch in ("negative", "empty", "positive"):
+            part = table[(table.image == image) & (table.branch == branch)]
+            assert sorted(part[part.variant == "all_tokens"].step) == list(range(n))
+            assert (part.value > 0).all()
+            assert (part.variant == "word_tokens").sum() == (0 if branch == "empty" else n)
+    assert rec.words_of(0, "positive") == ["a", "cat", "on", "the", "grass"]
+    assert rec.words_of(1, "negative") == ["eiffel", "tower", "eiffel tower"]
+    assert rec.words_of(0, "empty") == []
+    cat = rec.maps(0, "positive", "cat")
+    assert cat.shape == (n, h, w) and cat.dtype == torch.float16
+    assert torch.isfinite(cat).all() and (cat >= 0).all() and (cat > 0).any()
+    phrase = rec.maps(1, "negative", "Eiffel Tower").float()
+    parts = (6 * rec.maps(1, "negative", "eiffel").float() + 5 * rec.maps(1, "negative", "tower").float()) / 11
+    torch.testing.assert_close(phrase, parts, atol=2e-3, rtol=2e-3)  # token-weighted mean, fp16 storage
+    with pytest.raises(KeyError, match="kept"):
+        rec.maps(0, "negative", "cat")
+
+    # bytes: per image, branch and step 77 float32 energies; per kept word and step an h x w float16 map
+    words = sum(len(rec.words_of(i, b)) for i in (0, 1) for b in ("negative", "empty", "positive"))
+    assert rec.nbytes() == 2 * 3 * n * 77 * 4 + words * n * h * w * 2
+
+    s = rec.strength()
+    e = {b: rec.energy(1, b).mean(1).numpy() for b in ("negative", "positive")}
+    np.testing.assert_allclose(s[s.image == 1].ratio, e["negative"] / e["positive"], rtol=1e-6)
+
+
+def test_recorded_energy_matches_probabilities_computed_outside(pipe):
+    """The processor's side computation of softmax(QK^T/sqrt(d)) against the layer's own projections."""
+    sampler = NegativeSampler(pipe, steps=2, three_branches=True)
+    name = "mid_block.attentions.0.transformer_blocks.0.attn2.processor"
+    attn = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn2
+    seen = []
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: seen.append((a[0], kw["encoder_hidden_states"])),
+                                            with_kwargs=True)
+    rec = AttentionRecorder(pipe.unet, layers=[name], words=["cat"])
+    try:
+        sampler.generate(Batch(PROMPTS[:1], NEGS[:1], [3], [Always().plan(sampler.n_calls)]), [rec])
+    finally:
+        handle.remove()
+    x, ctx = seen[0]  # step 0; rows negative, empty, positive
+    q = attn.to_q(x).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+    k = attn.to_k(ctx).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+    probs = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+    size = sampler.latent_shape[1:]
+    for j, branch in enumerate(("negative", "empty", "positive")):
+        torch.testing.assert_close(rec.energy(0, branch)[0], slot_energy(probs[j], size), rtol=1e-4, atol=1e-8)
+    cat = rec.maps(0, "positive", "cat")[0].float()
+    torch.testing.assert_close(cat, heat_map(probs[2], [2], size), rtol=2e-3, atol=1e-4)
+
+
+def test_two_branch_schedule_records_the_negative_only_where_computed(pipe):
+    sampler = NegativeSampler(pipe, steps=6)
+    n = sampler.n_calls
+    meta = [{"positive_word": "cat"}]
+    rec = AttentionRecorder(pipe.unet, keep_maps=True)
+    sampler.generate(Batch(PROMPTS[:1], NEGS[:1], [0], [Window(2, 3).plan(n)], meta), [rec])  # installs itself
+    assert all(type(p) is AttnProcessor2_0 for p in pipe.unet.attn_processors.values())  # ... and removed itself
+    table = rec.ratio_table()
+    steps = lambda branch: sorted(set(table[table.branch == branch].step))  # noqa: E731
+    assert steps("negative") == [2, 3]
+    assert steps("empty") == [0, 1, 4, 5, 6]
+    assert steps("positive") == list(range(n))
+    dog = rec.maps(0, "negative", "dog")
+    assert torch.isnan(dog[[0, 1, 4, 5, 6]]).all() and torch.isfinite(dog[[2, 3]]).all()
+    assert list(rec.strength().step) == [2, 3]
+    # the word_tokens variant of the positive branch reads the meta's positive word ("cat", slot 2)
+    word = table[(table.branch == "positive") & (table.variant == "word_tokens")].value.to_numpy()
+    np.testing.assert_allclose(word, rec.energy(0, "positive")[:, 2].numpy(), rtol=1e-6)
+
+
+def test_install_refuses_processors_it_cannot_reproduce():
+    pipe = tiny_pipeline(0)
+    pipe.unet.set_default_attn_processor()  # AttnProcessor: different numerics from SDPA
+    with pytest.raises(TypeError, match="AttnProcessor2_0"):
+        AttentionRecorder(pipe.unet).install()
+
+
+def test_a_positive_word_missing_from_the_prompt_is_an_error_and_installs_nothing(pipe):
+    sampler = NegativeSampler(pipe, steps=2)
+    before = dict(pipe.unet.attn_processors)
+    rec = AttentionRecorder(pipe.unet, positive_word="zebra")
+    with pytest.raises(ValueError, match="'zebra' is not in prompt"):
+        sampler.generate(Batch(PROMPTS[:1], NEGS[:1], [0], [Always().plan(sampler.n_calls)]), [rec])
+    assert all(pipe.unet.attn_processors[k] is before[k] for k in before)
