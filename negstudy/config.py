@@ -24,6 +24,7 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CATEGORIES = ("object", "attribute")
 RECORDABLE = ("eps", "latents")
+SWEEPS = ("single", "critical_step", "reverse_activation")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUILTIN_PREFIX = "builtin:"
 
@@ -97,7 +98,13 @@ class LoggerConfig:
 
 @dataclass
 class SweepConfig:
-    name: str = "single"
+    name: str = "single"  # single: one generation job; critical_step: the study of negstudy.studies.critical_step
+    stride: int = 3  # start steps k = 0, stride, 2 stride, ... of the delayed negative
+    screen_seeds: int = 16  # seeds screened per pair for the concept to appear without the negative
+    max_seeds: int = 4  # seeds per pair entering the start-step sweep
+    min_seeds: int = 2  # pad with seeds lacking the concept (ratio curves only) up to this many
+    layers: str = "down_up"  # cross-attention layers recorded: down_up (the paper's), all
+    variant: str = "all_tokens"  # strength-ratio variant of the report: all_tokens (the paper's code), word_tokens
 
 
 @dataclass
@@ -200,6 +207,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"dataset.pairs[{i}].prompt={pair.prompt!r}: must be non-empty")
         _allowed(f"dataset.pairs[{i}].category", pair.category, CATEGORIES)
     _allowed("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
+    _allowed("sweep.name", cfg.sweep.name, SWEEPS)
+    _allowed("sweep.layers", cfg.sweep.layers, ("down_up", "all"))
+    _allowed("sweep.variant", cfg.sweep.variant, ("all_tokens", "word_tokens"))
+    for key in ("stride", "screen_seeds", "max_seeds"):
+        if cfg.sweep[key] < 1:
+            raise ConfigError(f"sweep.{key}={cfg.sweep[key]}: must be >= 1")
     schedule_from_config(cfg.schedule).plan(_n_calls_for(cfg))
 
 

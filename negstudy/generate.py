@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -120,18 +120,24 @@ def model_world(model_cfg) -> str | None:
     return index.get("negstudy", {}).get("world")
 
 
+def build_sampler(cfg: DictConfig) -> NegativeSampler:
+    """Load the model of ``cfg`` and wrap it in the step-scheduled sampler."""
+    device = pick_device(cfg.device)
+    log.info("loading %s from %s on %s", cfg.model.name, cfg.model.path, device)
+    pipe = load_pipeline(cfg.model, device)
+    return NegativeSampler(pipe, steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height,
+                           width=cfg.width, three_branches=cfg.three_branches, progress=True)
+
+
 def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     """Run the generation job of ``cfg`` into ``out_dir``; return the per-image table."""
     out_dir = Path(out_dir)
     schedule = schedule_from_config(cfg.schedule)
     evaluator = make_evaluator(cfg.evaluator, model_world(cfg.model))
     items = items_from_config(cfg, schedule)
-    device = pick_device(cfg.device)
     write_text(OmegaConf.to_yaml(cfg, resolve=True), out_dir / "config.yaml")
-    log.info("loading %s from %s on %s", cfg.model.name, cfg.model.path, device)
-    pipe = load_pipeline(cfg.model, device)
-    sampler = NegativeSampler(pipe, steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height,
-                              width=cfg.width, three_branches=cfg.three_branches, progress=True)
+    sampler = build_sampler(cfg)
+    pipe = sampler.pipe
     plan = schedule.plan(sampler.n_calls)  # ConfigError if the schedule leaves the loop
     log.info("%d images, %d UNet calls each, schedule %s", len(items), sampler.n_calls, schedule.describe())
     steps = StepTable()

@@ -8,6 +8,7 @@ loaded with ``DiffusionPipeline.from_pretrained``. The shipped shapes model is p
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,7 +96,9 @@ def load_pipeline(model_cfg, device: torch.device):
     verbosity = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # the "safety checker disabled" banner is noise in a study
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)  # torch_dtype's rename, across diffusers versions
+            pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
         if "safetensors" in str(err) and not model_cfg.allow_pickle:
             raise ConfigError(

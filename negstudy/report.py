@@ -1,0 +1,250 @@
+"""Reports: tables on disk -> critical steps with confidence intervals, figures, Markdown, CSV, HTML.
+
+    python -m negstudy.report <run or sweep directory>
+
+Reads every ``ratio.parquet`` / ``removal.parquet`` / ``attention.parquet`` under the directory
+(one per job of a multirun, or one for a single run), and writes ``report/`` beside them:
+``critical_steps.csv``, ``removal_vs_start.csv``, ``report.md``, the figures as PNG, and
+``report.html`` (self-contained: figures embedded).
+
+Rules (negstudy.critical): object negatives' critical step = the peak of the mean strength-ratio
+curve; attribute negatives' = the first step from which the curve stays >= 1. Intervals are 95 %
+percentile bootstraps over seeds; removal rates carry 95 % Wilson intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from negstudy.critical import agreement, bootstrap_ci, bootstrap_critical_step, first_hit_step
+from negstudy.records import write_table, write_text
+from negstudy.shapes.quality import wilson
+
+DEFAULT_VARIANT = "all_tokens"
+HIT_THRESHOLD = 0.5
+
+
+def _read(root: Path, name: str) -> pd.DataFrame:
+    frames = []
+    for i, path in enumerate(sorted(root.rglob(f"{name}.parquet"))):
+        if "report" in path.parts:
+            continue
+        frames.append(pd.read_parquet(path).assign(job=str(path.parent.relative_to(root))))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _matrix(frame: pd.DataFrame, value: str) -> np.ndarray:
+    """(seeds, steps) of ``value``."""
+    return frame.pivot_table(index=["job", "seed"], columns="step", values=value).to_numpy()
+
+
+def critical_steps(ratio: pd.DataFrame, attention: pd.DataFrame, variant: str = DEFAULT_VARIANT,
+                   hit_threshold: float = HIT_THRESHOLD) -> pd.DataFrame:
+    """One row per pair and one per category: critical step from the ratio curve (with CI) and
+    from attention (first step with mass in the concept's region >= hit_threshold)."""
+    rows = []
+    ratio = ratio[ratio.variant == variant]
+    groups = [("pair", key, frame) for key, frame in ratio.groupby(["category", "negative"])]
+    groups += [("category", (cat, "all"), frame) for cat, frame in ratio.groupby("category")]
+    for level, (category, negative), frame in groups:
+        values = _matrix(frame, "ratio")
+        ci = bootstrap_critical_step(values, category)
+        mean = np.nanmean(values, axis=0)
+        row = {"level": level, "category": category, "negative": negative, "n_seeds": values.shape[0],
+               "critical_step": ci.step, "ci_low": ci.low, "ci_high": ci.high,
+               "never_fraction": getattr(ci, "fraction_never", np.nan),
+               "peak_ratio": float(np.nanmax(mean)), "ratio_at_step0": float(mean[0])}
+        att = attention[(attention.category == category) & ((attention.negative == negative) | (negative == "all"))] if len(attention) else attention
+        if len(att):
+            hits = [first_hit_step(g.sort_values("step").mass_in_region.to_numpy(), hit_threshold)
+                    for _, g in att.groupby(["job", "negative", "seed"])]
+            found = [h for h in hits if h is not None]
+            row.update(attention_step_mean=float(np.mean(found)) if found else np.nan,
+                       attention_n=len(hits), attention_never=len(hits) - len(found))
+            if ci.step is not None:
+                agree = agreement([ci.step] * len(hits), hits)
+                row.update(agreement_mean_abs=agree.mean_abs_diff, agreement_within2=agree.within)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def removal_vs_start(removal: pd.DataFrame) -> pd.DataFrame:
+    """Per category and start step: how often the concept is gone, over seeds where it appeared
+    without the negative (Wilson 95 % CI)."""
+    base = removal[removal.present_without_negative]
+    rows = []
+    for (category, k), g in base.groupby(["category", "start_step"]):
+        gone = int((~g.concept_present.astype(bool)).sum())
+        rate, lo, hi = wilson(gone, len(g))
+        rows.append({"category": category, "start_step": int(k), "removed": rate, "ci_low": lo, "ci_high": hi,
+                     "n": len(g), "psnr_outside_median": float(np.nanmedian(g.psnr_outside)) if g.psnr_outside.notna().any() else np.nan})
+    return pd.DataFrame(rows)
+
+
+def reverse_activation(reverse: pd.DataFrame) -> pd.DataFrame:
+    """Per k (negative in steps 0..k-1 only): how often the negative's object APPEARS, over seeds
+    where it is absent without the negative (95 % Wilson CI)."""
+    rows = []
+    for k, g in reverse.groupby("k"):
+        rate, lo, hi = wilson(int(g.appears.sum()), len(g))
+        rows.append({"k": int(k), "appears": rate, "ci_low": lo, "ci_high": hi, "n": len(g)})
+    return pd.DataFrame(rows)
+
+
+def _figure_ratio(ratio: pd.DataFrame, crit: pd.DataFrame, variant: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (category, frame), colour in zip(ratio[ratio.variant == variant].groupby("category"), ("tab:blue", "tab:orange")):
+        values = _matrix(frame, "ratio")
+        mean, lo, hi = bootstrap_ci(values)
+        steps = np.arange(len(mean))
+        ax.plot(steps, mean, color=colour, label=f"{category} negatives (n={values.shape[0]} pair-seeds)")
+        ax.fill_between(steps, lo, hi, color=colour, alpha=0.2)
+        row = crit[(crit.level == "category") & (crit.category == category)]
+        if len(row) and pd.notna(row.critical_step.iloc[0]):
+            ax.axvline(row.critical_step.iloc[0], color=colour, ls="--", lw=1)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("step (UNet call)")
+    ax.set_ylabel("strength ratio  negative / positive")
+    ax.set_title(f"Strength of the negative prompt ({variant}); dashed: critical step")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _figure_removal(table: pd.DataFrame):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for category, g in table.groupby("category"):
+        ax.errorbar(g.start_step, g.removed, yerr=np.clip([g.removed - g.ci_low, g.ci_high - g.removed], 0, None), marker="o", capsize=3,
+                    label=f"{category} negatives")
+    ax.set_xlabel("start step k of the negative (from_step k; last point: never)")
+    ax.set_ylabel("concept removed")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Removal against the step at which the negative starts")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _figure_rates(table: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.errorbar(table[x], table[y], yerr=np.clip([table[y] - table.ci_low, table.ci_high - table[y]], 0, None), marker="o", capsize=3)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=(-0.02, 1.02))
+    fig.tight_layout()
+    return fig
+
+
+def _png(fig, path: Path) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    path.write_bytes(buf.getvalue())
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def build(root: str | Path, variant: str = DEFAULT_VARIANT) -> Path:
+    """Write the report of every job under ``root``; return the HTML path."""
+    root = Path(root)
+    ratio, removal, attention = _read(root, "ratio"), _read(root, "removal"), _read(root, "attention")
+    reverse = _read(root, "reverse")
+    if ratio.empty and removal.empty and reverse.empty:
+        raise FileNotFoundError(f"{root}: no ratio.parquet, removal.parquet or reverse.parquet below it: is it a negstudy run directory?")
+    out = root / "report"
+    out.mkdir(exist_ok=True)
+    sections, figures = [], {}
+    crit = critical_steps(ratio, attention, variant) if not ratio.empty else pd.DataFrame()
+    rem = removal_vs_start(removal) if not removal.empty else pd.DataFrame()
+    if not crit.empty:
+        write_table(crit, out / "critical_steps.parquet")
+        crit.to_csv(out / "critical_steps.csv", index=False)
+        figures["ratio"] = _png(_figure_ratio(ratio, crit, variant), out / "ratio_curves.png")
+        sections.append(("Critical steps", crit))
+    if not rem.empty:
+        rem.to_csv(out / "removal_vs_start.csv", index=False)
+        figures["removal"] = _png(_figure_removal(rem), out / "removal_vs_start.png")
+        sections.append(("Removal against start step", rem))
+    if not reverse.empty:
+        rev = reverse_activation(reverse)
+        rev.to_csv(out / "reverse_activation.csv", index=False)
+        figures["reverse"] = _png(_figure_rates(rev, "k", "appears", "k: the negative in steps 0..k-1 only",
+                                                "object appears", "Reverse activation"), out / "reverse_activation.png")
+        sections.append(("Reverse activation", rev))
+    md = ["# negstudy report", "", f"Run: `{root}`. Ratio variant: `{variant}`. Rules: object = peak of the mean ratio curve; "
+          "attribute = first step from which it stays >= 1; 95 % bootstrap CIs over seeds; removal rates over seeds where "
+          "the concept appears without the negative, 95 % Wilson CIs.", ""]
+    for title, frame in sections:
+        md += [f"## {title}", "", frame.to_markdown(index=False, floatfmt=".3g"), ""]
+    write_text("\n".join(md), out / "report.md")
+    body = "".join(f"<h2>{html.escape(t)}</h2>{f.to_html(index=False, float_format=lambda x: f'{x:.3g}', na_rep='-')}" for t, f in sections)
+    imgs = "".join(f'<figure><img alt="{k}" src="data:image/png;base64,{v}"></figure>' for k, v in figures.items())
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>negstudy report</title><style>"
+            "body{font-family:sans-serif;max-width:60rem;margin:2rem auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:.2rem .5rem}img{max-width:100%}</style></head><body>"
+            f"<h1>negstudy report</h1><p>{html.escape(md[2])}</p>{imgs}{body}</body></html>")
+    write_text(page, out / "report.html")
+    return out / "report.html"
+
+
+def _step(x) -> str:
+    return "never" if x is None or pd.isna(x) else str(int(x))
+
+
+def summary_lines(root: str | Path) -> list[str]:
+    """One line per category: the critical step with its CI, and where attention finds the concept."""
+    lines = []
+    rev_path = Path(root) / "report" / "reverse_activation.csv"
+    if rev_path.exists():
+        rev = pd.read_csv(rev_path)
+        top = rev.loc[rev.appears.idxmax()]
+        lines.append(f"reverse activation: the object appears in {top.appears:.0%} (95 % CI {top.ci_low:.0%}..{top.ci_high:.0%}, "
+                     f"n={int(top.n)}) of seeds at k={int(top.k)}; without the negative (k=0) in {rev.appears.iloc[0]:.0%}")
+    path = Path(root) / "report" / "critical_steps.parquet"
+    if not path.exists():
+        return lines
+    crit = pd.read_parquet(path)
+    for row in crit[crit.level == "category"].itertuples():
+        line = (f"critical step, {row.category} negatives: {_step(row.critical_step)} "
+                f"(95 % CI {_step(row.ci_low)}..{_step(row.ci_high)}, {row.n_seeds} pair-seeds, peak ratio {row.peak_ratio:.3f})")
+        if "attention_step_mean" in crit and pd.notna(row.attention_step_mean):
+            line += f"; the negative word's attention reaches the concept's region at step {row.attention_step_mean:.1f} on average"
+        lines.append(line)
+    return lines
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m negstudy.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("directory")
+    ap.add_argument("--variant", default=DEFAULT_VARIANT, choices=["all_tokens", "word_tokens"])
+    args = ap.parse_args(argv)
+    try:
+        path = build(args.directory, args.variant)
+    except FileNotFoundError as err:
+        print(f"negstudy.report: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"negstudy.report: {path}")
+
+
+if __name__ == "__main__":
+    main()

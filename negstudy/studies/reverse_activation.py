@@ -1,0 +1,53 @@
+"""Reverse activation (PAPER.md section 4): a negative prompt applied only in the first k steps can
+CREATE the object it names. negstudy counts it instead of showing it.
+
+Per prompt pair: the seeds ``0..sweep.screen_seeds-1`` where the negative's object does NOT appear
+without the negative (oracle), up to ``sweep.max_seeds`` of them; for each, ONE shared-prefix batch
+of ``first_k(k)`` for k = 0, stride, 2 stride, ..., n_calls (k = 0 is the plain image, k = n_calls
+ordinary negative prompting). ``reverse.parquet``: pair, seed, k, whether the object appears.
+The report gives, per k, the rate at which it appears, with 95 % Wilson intervals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from negstudy.records import save_png, slug, to_uint8, write_table
+from negstudy.sampler import Batch, NegativeSampler
+from negstudy.schedules import FirstK, Never
+from negstudy.shapes import oracle
+from negstudy.studies.critical_step import concept_present
+
+
+def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, pd.DataFrame]:
+    sw = cfg.sweep
+    n = sampler.n_calls
+    ks = list(range(0, n, sw.stride)) + [n]
+    plans = [FirstK(k).plan(n) for k in ks]
+    pairs = [p for p in list(cfg.dataset.pairs)[: cfg.dataset.limit] if p.category == "object"]
+    rows, screen = [], []
+    for p, pair in enumerate(tqdm(pairs, desc="pairs", unit="pair")):
+        seeds = list(range(sw.screen_seeds))
+        never = Never().plan(n)
+        images = to_uint8(sampler.generate(Batch([pair.prompt] * len(seeds), [pair.negative] * len(seeds), seeds, [never] * len(seeds))))
+        absent = [s for s, v in zip(seeds, oracle.inspect_batch(images)) if not concept_present(v, pair.negative)[0]]
+        screen.append({"pair": p, "prompt": pair.prompt, "negative": pair.negative, "screened": len(seeds), "absent": len(absent)})
+        for seed in tqdm(absent[: sw.max_seeds], desc="first-k sweep", unit="seed", leave=False):
+            m = len(plans)
+            images = to_uint8(sampler.generate(Batch([pair.prompt] * m, [pair.negative] * m, [seed] * m, plans)))
+            for k, verdict in zip(ks, oracle.inspect_batch(images)):
+                rows.append({"pair": p, "prompt": pair.prompt, "negative": pair.negative, "seed": seed, "k": k,
+                             "appears": concept_present(verdict, pair.negative)[0]})
+            if cfg.save_images:
+                save_png(np.concatenate(list(images), axis=1),
+                         out_dir / "strips" / f"{p:02d}_{slug(pair.prompt)}_neg-{slug(pair.negative, 20)}_s{seed}.png",
+                         {"prompt": pair.prompt, "negative": pair.negative, "seed": seed, "first_k": ks})
+    tables = {"reverse": pd.DataFrame(rows), "reverse_screen": pd.DataFrame(screen)}
+    for name, frame in tables.items():
+        write_table(frame, out_dir / f"{name}.parquet")
+    return tables

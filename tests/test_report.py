@@ -1,0 +1,74 @@
+"""The report on synthetic tables whose critical steps are known, and the main job end to end."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+
+from negstudy import report
+
+
+def synthetic(root, rng):
+    steps = np.arange(31)
+    ratio, removal, attention = [], [], []
+    for seed in range(6):
+        noise = rng.normal(0, 0.005, size=31)
+        obj = 0.9 + 0.17 * np.exp(-0.5 * ((steps - 5) / 2.0) ** 2) + noise  # peak at 5
+        att = np.clip(0.8 + 0.03 * steps, None, 1.2) + noise  # crosses 1 at step 7 and stays
+        for category, curve, negative in (("object", obj, "sun"), ("attribute", att, "dark")):
+            ratio += [{"pair": 0, "negative": negative, "category": category, "seed": seed, "present_without_negative": True,
+                       "step": int(s), "variant": "all_tokens", "ratio": float(v)} for s, v in zip(steps, curve)]
+            for k in (0, 10, 20, 31):
+                removal.append({"pair": 0, "negative": negative, "category": category, "seed": seed,
+                                "present_without_negative": True, "start_step": k, "concept_present": k >= 20,
+                                "psnr_outside": 30.0})
+        mass = np.where(steps >= 8, 0.7, 0.1)
+        attention += [{"pair": 0, "negative": "sun", "category": "object", "seed": seed, "step": int(s),
+                       "mass_in_region": float(m), "region_fraction": 0.1} for s, m in zip(steps, mass)]
+    job = root / "0"
+    job.mkdir(parents=True)
+    for name, rows in (("ratio", ratio), ("removal", removal), ("attention", attention)):
+        pd.DataFrame(rows).to_parquet(job / f"{name}.parquet")
+
+
+def test_report_finds_the_planted_critical_steps(tmp_path):
+    synthetic(tmp_path, np.random.default_rng(0))
+    page = report.build(tmp_path)
+    crit = pd.read_csv(tmp_path / "report" / "critical_steps.csv")
+    cat = crit[crit.level == "category"].set_index("category")
+    assert cat.loc["object", "critical_step"] == 5 and cat.loc["object", "ci_low"] <= 5 <= cat.loc["object", "ci_high"]
+    assert cat.loc["attribute", "critical_step"] == 7
+    assert cat.loc["object", "attention_step_mean"] == 8
+    rem = pd.read_csv(tmp_path / "report" / "removal_vs_start.csv")
+    obj = rem[rem.category == "object"].set_index("start_step").removed
+    assert obj[0] == 1.0 and obj[10] == 1.0 and obj[20] == 0.0 and obj[31] == 0.0
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 2 and "Critical steps" in text
+    lines = report.summary_lines(tmp_path)
+    assert any(line.startswith("critical step, object negatives: 5 ") for line in lines)
+
+
+def test_report_cli_rejects_a_directory_without_results(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "negstudy.report", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no ratio.parquet, removal.parquet or reverse.parquet" in proc.stderr
+
+
+def test_main_job_end_to_end_on_the_shipped_model(tmp_path):
+    """`+sweep=critical_step` on tiny settings: tables, report and the printed critical steps."""
+    out = tmp_path / "crit"
+    pairs = '[{prompt:"a ball on the grass",negative:sun,category:object},{prompt:"a box in the sky",negative:dark,category:attribute}]'
+    proc = subprocess.run(
+        [sys.executable, "-m", "negstudy", "+sweep=critical_step", "steps=5", "sweep.screen_seeds=2", "sweep.max_seeds=1",
+         "sweep.min_seeds=1", "sweep.stride=2", f"dataset.pairs={pairs}", f"hydra.run.dir={out}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"report -> {out / 'report' / 'report.html'}" in proc.stdout
+    assert "critical step, object negatives:" in proc.stdout and "critical step, attribute negatives:" in proc.stdout
+    ratio = pd.read_parquet(out / "ratio.parquet")
+    assert set(ratio.category) == {"object", "attribute"} and ratio.step.max() == 5  # PNDM: 6 calls
+    assert set(ratio.variant) == {"all_tokens", "word_tokens"} and (ratio.ratio > 0).all()
+    removal = pd.read_parquet(out / "removal.parquet")
+    assert sorted(removal.start_step.unique()) == [0, 2, 4, 6]  # k = 6: never
+    assert (out / "report" / "ratio_curves.png").stat().st_size > 5000
