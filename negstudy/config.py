@@ -16,13 +16,13 @@ from typing import Any, Optional, Union
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from negstudy.datasets import pairs_of
 from negstudy.errors import ConfigError
 from negstudy.schedules import SCHEDULES, make_schedule
 
 SCHEDULERS = ("default", "pndm", "ddim", "euler", "dpmpp")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-CATEGORIES = ("object", "attribute")
 RECORDABLE = ("eps", "latents")
 SWEEPS = ("single", "critical_step", "reverse_activation")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -52,6 +52,7 @@ class PromptPair:
 class DatasetConfig:
     name: str = MISSING
     pairs: list[PromptPair] = field(default_factory=list)
+    path: Optional[str] = None  # a CSV / JSONL / TXT file of pairs, instead of `pairs`
     limit: Optional[int] = None
 
 
@@ -198,14 +199,9 @@ def validate(cfg: DictConfig) -> None:
     _allowed("model.scheduler", cfg.model.scheduler, SCHEDULERS)
     _allowed("model.dtype", cfg.model.dtype, DTYPES)
     resolve_model_path(cfg.model.path)
-    if not cfg.dataset.pairs:
-        raise ConfigError(f"dataset.pairs=[] (dataset {cfg.dataset.name!r}): the prompt set is empty")
     if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
         raise ConfigError(f"dataset.limit={cfg.dataset.limit}: must be >= 1 or null")
-    for i, pair in enumerate(cfg.dataset.pairs):
-        if not str(pair.prompt).strip():
-            raise ConfigError(f"dataset.pairs[{i}].prompt={pair.prompt!r}: must be non-empty")
-        _allowed(f"dataset.pairs[{i}].category", pair.category, CATEGORIES)
+    pairs_of(cfg.dataset)
     _allowed("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
     _allowed("sweep.name", cfg.sweep.name, SWEEPS)
     _allowed("sweep.layers", cfg.sweep.layers, ("down_up", "all"))

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from negstudy.config import resolve_model_path, schedule_from_config
 from negstudy.evaluators import make_evaluator
 from negstudy.models import load_pipeline, pick_device
+from negstudy.datasets import pairs_of
 from negstudy.records import atomic_path, save_png, slug, to_uint8, write_table, write_text
 from negstudy.sampler import Batch, Hook, NegativeSampler, StepState
 from negstudy.schedules import Schedule
@@ -41,7 +42,7 @@ class Item:
 
 
 def items_from_config(cfg: DictConfig, schedule: Schedule) -> list[Item]:
-    pairs = list(cfg.dataset.pairs)[: cfg.dataset.limit]
+    pairs = pairs_of(cfg.dataset)
     items = []
     for p, pair in enumerate(pairs):
         for seed in cfg.seeds:

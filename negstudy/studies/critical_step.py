@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from negstudy.attention import AttentionRecorder, mass_in_mask
+from negstudy.datasets import pairs_of
 from negstudy.records import save_png, slug, to_uint8, write_table
 from negstudy.sampler import Batch, NegativeSampler
 from negstudy.schedules import FromStep, Never
@@ -50,7 +51,7 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     n = sampler.n_calls
     starts = list(range(0, n, sw.stride)) + [n]  # k = n: the negative never applies
     plans = [FromStep(k).plan(n) for k in starts]
-    pairs = list(cfg.dataset.pairs)[: cfg.dataset.limit]
+    pairs = pairs_of(cfg.dataset)
     screen_seeds = list(range(sw.screen_seeds))
 
     # 1. screen: which seeds show the concept without the negative

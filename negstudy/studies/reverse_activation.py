@@ -17,6 +17,7 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from negstudy.datasets import pairs_of
 from negstudy.records import save_png, slug, to_uint8, write_table
 from negstudy.sampler import Batch, NegativeSampler
 from negstudy.schedules import FirstK, Never
@@ -29,7 +30,7 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     n = sampler.n_calls
     ks = list(range(0, n, sw.stride)) + [n]
     plans = [FirstK(k).plan(n) for k in ks]
-    pairs = [p for p in list(cfg.dataset.pairs)[: cfg.dataset.limit] if p.category == "object"]
+    pairs = [p for p in pairs_of(cfg.dataset) if p.category == "object"]
     rows, screen = [], []
     for p, pair in enumerate(tqdm(pairs, desc="pairs", unit="pair")):
         seeds = list(range(sw.screen_seeds))
