@@ -32,13 +32,23 @@ def app(cfg: DictConfig) -> None:
 
 
 def generation_job(cfg: DictConfig, out_dir: Path) -> None:
-    from negstudy import generate
+    import pandas as pd
 
-    table = generate.run(cfg, out_dir)
-    print(f"negstudy: {len(table)} images -> {out_dir}")
-    if "negative_present" in table and table["negative_present"].notna().any():
-        rate = table.groupby("category")["negative_present"].mean()
-        print("negstudy: negative concept still present: " + ", ".join(f"{k} {v:.0%}" for k, v in rate.items()))
+    from negstudy import generate
+    from negstudy.tracking import Tracker
+
+    with Tracker(cfg, out_dir, "generate") as tracker:
+        table = generate.run(cfg, out_dir)
+        print(f"negstudy: {len(table)} images -> {out_dir}")
+        tracker.table("images", table)
+        tracker.images("samples", [out_dir / f for f in table.get("file", pd.Series(dtype=str)).head(16)])
+        steps = pd.read_parquet(out_dir / "steps.parquet").groupby("step", as_index=False)[["eps_pos_norm", "guidance_norm"]].mean()
+        tracker.curves(steps, "step", ["eps_pos_norm", "guidance_norm"])
+        tracker.summary(n_images=len(table))
+        if "negative_present" in table and table["negative_present"].notna().any():
+            rate = table.groupby("category")["negative_present"].mean()
+            tracker.summary(**{f"negative_still_present/{k}": float(v) for k, v in rate.items()})
+            print("negstudy: negative concept still present: " + ", ".join(f"{k} {v:.0%}" for k, v in rate.items()))
 
 
 STUDIES = ("critical_step", "reverse_activation")
@@ -48,19 +58,36 @@ def study_job(cfg: DictConfig, out_dir: Path) -> None:
     """A study of negstudy.studies on the shapes world, then its report."""
     import importlib
 
+    import pandas as pd
+
     from negstudy import generate, report
     from negstudy.records import write_text
+    from negstudy.tracking import Tracker
 
     if generate.model_world(cfg.model) != "shapes":
         raise ConfigError(f"sweep.name={cfg.sweep.name!r} reads images with the shapes oracle; model.path={cfg.model.path!r} "
                           "is not a shapes-world model (use model=shapes)")
     write_text(OmegaConf.to_yaml(cfg, resolve=True), out_dir / "config.yaml")
-    sampler = generate.build_sampler(cfg)
-    importlib.import_module(f"negstudy.studies.{cfg.sweep.name}").run(cfg, sampler, out_dir)
-    page = report.build(out_dir, cfg.sweep.variant)
-    print(f"negstudy: report -> {page}")
-    for line in report.summary_lines(out_dir):
-        print(f"negstudy: {line}")
+    with Tracker(cfg, out_dir, "generate") as tracker:
+        sampler = generate.build_sampler(cfg)
+        tables = importlib.import_module(f"negstudy.studies.{cfg.sweep.name}").run(cfg, sampler, out_dir)
+        page = report.build(out_dir, cfg.sweep.variant)
+        print(f"negstudy: report -> {page}")
+        for line in report.summary_lines(out_dir):
+            print(f"negstudy: {line}")
+        ratio = tables.get("ratio")
+        if ratio is not None and not ratio.empty:
+            curves = (ratio[ratio.variant == cfg.sweep.variant].groupby(["step", "category"]).ratio.mean()
+                      .unstack("category").add_prefix("ratio/").reset_index())
+            tracker.curves(curves, "step", [c for c in curves if c != "step"])
+        for csv in sorted((out_dir / "report").glob("*.csv")):
+            tracker.table(csv.stem, pd.read_csv(csv))
+        tracker.images("figures", sorted((out_dir / "report").glob("*.png")))
+        crit = out_dir / "report" / "critical_steps.parquet"
+        if crit.exists():
+            c = pd.read_parquet(crit)
+            tracker.summary(**{f"critical_step/{r.category}": (None if pd.isna(r.critical_step) else int(r.critical_step))
+                               for r in c[c.level == "category"].itertuples()})
 
 
 def main() -> None:

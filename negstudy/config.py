@@ -203,6 +203,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.limit={cfg.dataset.limit}: must be >= 1 or null")
     pairs_of(cfg.dataset)
     _allowed("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
+    _allowed("logger.name", cfg.logger.name, ("none", "wandb"))
+    from negstudy.tracking import check as check_tracking
+
+    check_tracking(cfg)
     _allowed("sweep.name", cfg.sweep.name, SWEEPS)
     _allowed("sweep.layers", cfg.sweep.layers, ("down_up", "all"))
     _allowed("sweep.variant", cfg.sweep.variant, ("all_tokens", "word_tokens"))

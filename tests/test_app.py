@@ -46,3 +46,30 @@ def test_bad_input_is_one_line_and_exit_code_2(tiny_model_dir, tmp_path):
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert err == ["negstudy: error: schedule.end=40: a step index must be in [0, 30] (31 UNet calls)"]
     assert not (tmp_path / "bad" / "images.parquet").exists()
+
+
+def test_wandb_offline_run_reads_back_and_online_without_key_refuses(tiny_model_dir, tmp_path):
+    import os
+
+    from negstudy.tracking import read_offline_run
+
+    out = tmp_path / "wb"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc credentials
+    proc = subprocess.run(
+        [sys.executable, "-m", "negstudy", f"model.path={tiny_model_dir}", "model.name=tiny", "evaluator=none", "logger=wandb",
+         "steps=4", "seeds=[0]", "dataset.limit=1", f"hydra.run.dir={out}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = next((out / "wandb").glob("offline-run-*"))
+    run = read_offline_run(run_dir)
+    assert run["config"]["steps"] == 4 and run["config"]["model"]["name"] == "tiny"
+    assert run["job_type"] == "generate" and run["group"].startswith("single:")
+    steps = [row["step"] for row in run["history"] if "guidance_norm" in row]
+    assert steps == [0, 1, 2, 3, 4]  # PNDM: 5 calls
+    assert run["summary"]["n_images"] == 1
+    online = subprocess.run(
+        [sys.executable, "-m", "negstudy", f"model.path={tiny_model_dir}", "logger=wandb", "logger.mode=online",
+         f"hydra.run.dir={tmp_path / 'online'}"], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert online.returncode == 2
+    assert online.stderr.strip() == "negstudy: error: logger.mode='online': no W&B credentials (set WANDB_API_KEY, or use logger.mode=offline and `wandb sync` later)"
