@@ -49,6 +49,40 @@ def test_report_finds_the_planted_critical_steps(tmp_path):
     assert any(line.startswith("critical step, object negatives: 5 ") for line in lines)
 
 
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def test_html_report_renders_in_chromium(tmp_path):
+    """The self-contained HTML in a real headless Chromium: figures load, tables show, no console errors."""
+    import shutil
+
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is needed for this test (bash scripts/setup.sh installs it)"
+    synthetic(tmp_path, np.random.default_rng(1))
+    page_path = report.build(tmp_path)
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(page_path.as_uri())
+        loaded = page.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth > 400)")
+        tables = page.evaluate("document.querySelectorAll('table').length")
+        cells = page.evaluate("document.querySelector('table td').innerText")
+        shot = tmp_path / "shot.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert loaded == [True, True] and tables == 2 and cells.strip()
+    assert errors == []
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # not blank: text, axes and curves drawn
+
+
 def test_report_cli_rejects_a_directory_without_results(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "negstudy.report", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "no ratio.parquet, removal.parquet or reverse.parquet" in proc.stderr
