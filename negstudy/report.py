@@ -34,10 +34,12 @@ HIT_THRESHOLD = 0.5
 
 def _read(root: Path, name: str) -> pd.DataFrame:
     frames = []
-    for i, path in enumerate(sorted(root.rglob(f"{name}.parquet"))):
+    for path in sorted(root.rglob(f"{name}.parquet")):
         if "report" in path.parts:
             continue
-        frames.append(pd.read_parquet(path).assign(job=str(path.parent.relative_to(root))))
+        frame = pd.read_parquet(path)
+        if len(frame):  # a job can find nothing to measure (e.g. no seed showed the concept)
+            frames.append(frame.assign(job=str(path.parent.relative_to(root))))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

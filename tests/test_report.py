@@ -106,3 +106,20 @@ def test_main_job_end_to_end_on_the_shipped_model(tmp_path):
     removal = pd.read_parquet(out / "removal.parquet")
     assert sorted(removal.start_step.unique()) == [0, 2, 4, 6]  # k = 6: never
     assert (out / "report" / "ratio_curves.png").stat().st_size > 5000
+
+
+def test_multirun_ends_with_one_report_over_all_jobs(tmp_path):
+    """A real Hydra multirun (two prompt shards) and the callback's pooled report."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "negstudy", "-m", "+sweep=reverse_activation", "steps=4", "sweep.screen_seeds=2",
+         "sweep.max_seeds=1", "sweep.stride=2", "dataset.limit=1,2", "save_images=false", f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"sweep report -> {sweep / 'report' / 'report.html'}" in proc.stdout
+    jobs = sorted(p.parent.name for p in sweep.glob("*/reverse.parquet"))
+    assert jobs == ["0", "1"]
+    pooled = pd.read_csv(sweep / "report" / "reverse_activation.csv")
+    per_job = sum(len(pd.read_parquet(sweep / j / "reverse.parquet")) for j in jobs)
+    assert pooled.n.sum() == per_job and sorted(pooled.k) == [0, 2, 4, 5]

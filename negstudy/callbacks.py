@@ -1,0 +1,28 @@
+"""Hydra callbacks: the aggregated report at the end of a multirun."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("negstudy")
+
+
+class ReportCallback(Callback):
+    """After every job of a multirun, write one report over all of them into ``<sweep dir>/report/``
+    (the jobs' seeds and prompt shards are pooled; jobs that wrote no study tables are ignored)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from negstudy import report
+
+        root = Path(config.hydra.sweep.dir)
+        try:
+            page = report.build(root, config.sweep.variant)
+        except FileNotFoundError:
+            return  # plain generation jobs: nothing to aggregate
+        print(f"negstudy: sweep report -> {page}")
+        for line in report.summary_lines(root):
+            print(f"negstudy: {line}")
