@@ -29,7 +29,7 @@ from negstudy.records import write_table, write_text
 from negstudy.shapes.quality import wilson
 
 DEFAULT_VARIANT = "all_tokens"
-HIT_THRESHOLD = 0.5
+HIT_LIFT = 2.0  # attention "reaches the region" once its mass there is twice what a uniform map would put there
 
 
 def _read(root: Path, name: str) -> pd.DataFrame:
@@ -49,9 +49,12 @@ def _matrix(frame: pd.DataFrame, value: str) -> np.ndarray:
 
 
 def critical_steps(ratio: pd.DataFrame, attention: pd.DataFrame, variant: str = DEFAULT_VARIANT,
-                   hit_threshold: float = HIT_THRESHOLD) -> pd.DataFrame:
+                   hit_lift: float = HIT_LIFT) -> pd.DataFrame:
     """One row per pair and one per category: critical step from the ratio curve (with CI) and
-    from attention (first step with mass in the concept's region >= hit_threshold)."""
+    from attention: the first step at which the negative word's map is concentrated on the
+    concept's region, i.e. lift = (mass inside the region) / (region's share of the image) >= hit_lift.
+    Lift rather than raw mass because objects cover ~10 % of a shapes image: a raw-mass threshold
+    of 0.5 would demand a five-fold concentration for small objects and a trivial one for large."""
     rows = []
     ratio = ratio[ratio.variant == variant]
     groups = [("pair", key, frame) for key, frame in ratio.groupby(["category", "negative"])]
@@ -66,8 +69,8 @@ def critical_steps(ratio: pd.DataFrame, attention: pd.DataFrame, variant: str = 
                "peak_ratio": float(np.nanmax(mean)), "ratio_at_step0": float(mean[0])}
         att = attention[(attention.category == category) & ((attention.negative == negative) | (negative == "all"))] if len(attention) else attention
         if len(att):
-            hits = [first_hit_step(g.sort_values("step").mass_in_region.to_numpy(), hit_threshold)
-                    for _, g in att.groupby(["job", "negative", "seed"])]
+            hits = [first_hit_step((g.mass_in_region / g.region_fraction).to_numpy(), hit_lift)
+                    for _, g in att.sort_values("step").groupby(["job", "negative", "seed"])]
             found = [h for h in hits if h is not None]
             row.update(attention_step_mean=float(np.mean(found)) if found else np.nan,
                        attention_n=len(hits), attention_never=len(hits) - len(found))
@@ -193,7 +196,8 @@ def build(root: str | Path, variant: str = DEFAULT_VARIANT) -> Path:
                                                 "object appears", "Reverse activation"), out / "reverse_activation.png")
         sections.append(("Reverse activation", rev))
     md = ["# negstudy report", "", f"Run: `{root}`. Ratio variant: `{variant}`. Rules: object = peak of the mean ratio curve; "
-          "attribute = first step from which it stays >= 1; 95 % bootstrap CIs over seeds; removal rates over seeds where "
+          "attribute = first step from which it stays >= 1; attention = first step at which the negative word's map puts "
+          f"{HIT_LIFT:g}x a uniform map's mass on the concept's region; 95 % bootstrap CIs over seeds; removal rates over seeds where "
           "the concept appears without the negative, 95 % Wilson CIs.", ""]
     for title, frame in sections:
         md += [f"## {title}", "", frame.to_markdown(index=False, floatfmt=".3g"), ""]

@@ -25,7 +25,7 @@ def synthetic(root, rng):
                                 "psnr_outside": 30.0})
         mass = np.where(steps >= 8, 0.7, 0.1)
         attention += [{"pair": 0, "negative": "sun", "category": "object", "seed": seed, "step": int(s),
-                       "mass_in_region": float(m), "region_fraction": 0.1} for s, m in zip(steps, mass)]
+                       "mass_in_region": float(m), "region_fraction": 0.2} for s, m in zip(steps, mass)]
     job = root / "0"
     job.mkdir(parents=True)
     for name, rows in (("ratio", ratio), ("removal", removal), ("attention", attention)):
