@@ -26,3 +26,16 @@ class ReportCallback(Callback):
         print(f"negstudy: sweep report -> {page}")
         for line in report.summary_lines(root):
             print(f"negstudy: {line}")
+        self._track(config, root)
+
+    @staticmethod
+    def _track(config: DictConfig, root: Path) -> None:
+        """One W&B run of job_type "report" in the sweep's group, with the pooled tables and figures."""
+        import pandas as pd
+
+        from negstudy.tracking import Tracker
+
+        with Tracker(config, root / "report", "report", sweep_dir=str(root)) as tracker:
+            for csv in sorted((root / "report").glob("*.csv")):
+                tracker.table(csv.stem, pd.read_csv(csv))
+            tracker.images("figures", sorted((root / "report").glob("*.png")))

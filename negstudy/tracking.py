@@ -47,13 +47,14 @@ def public_config(cfg: DictConfig) -> dict:
             return [clean(v) for v in node]
         return node
 
-    return clean(OmegaConf.to_container(cfg, resolve=True))
+    keys = [k for k in cfg.keys() if k != "hydra"]  # the callback's config also holds Hydra's own node
+    return clean(OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True))
 
 
 class Tracker:
     """A W&B run for one job, or nothing (``logger=none``); use as a context manager."""
 
-    def __init__(self, cfg: DictConfig, out_dir: Path, job_type: str = "generate"):
+    def __init__(self, cfg: DictConfig, out_dir: Path, job_type: str = "generate", sweep_dir: str | None = None):
         self.run = None
         if cfg.logger.name != "wandb" or cfg.logger.mode == "disabled":
             return
@@ -61,13 +62,14 @@ class Tracker:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
-        try:
-            from hydra.core.hydra_config import HydraConfig
+        if sweep_dir is None:
+            try:
+                from hydra.core.hydra_config import HydraConfig
 
-            hc = HydraConfig.get()
-            sweep_dir = hc.sweep.dir if hc.mode.name == "MULTIRUN" else hc.run.dir
-        except ValueError:  # not under Hydra
-            sweep_dir = str(out_dir)
+                hc = HydraConfig.get()
+                sweep_dir = hc.sweep.dir if hc.mode.name == "MULTIRUN" else hc.run.dir
+            except ValueError:  # not under Hydra
+                sweep_dir = str(out_dir)
         self.run = wandb.init(
             project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode, dir=str(out_dir),
             group=f"{cfg.sweep.name}:{sweep_dir}", job_type=job_type, config=public_config(cfg),

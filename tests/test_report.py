@@ -113,7 +113,8 @@ def test_multirun_ends_with_one_report_over_all_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
         [sys.executable, "-m", "negstudy", "-m", "+sweep=reverse_activation", "steps=4", "sweep.screen_seeds=2",
-         "sweep.max_seeds=1", "sweep.stride=2", "dataset.limit=1,2", "save_images=false", f"hydra.sweep.dir={sweep}"],
+         "sweep.max_seeds=1", "sweep.stride=2", "dataset.limit=1,2", "save_images=false", "logger=wandb",
+         f"hydra.sweep.dir={sweep}"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -123,3 +124,8 @@ def test_multirun_ends_with_one_report_over_all_jobs(tmp_path):
     pooled = pd.read_csv(sweep / "report" / "reverse_activation.csv")
     per_job = sum(len(pd.read_parquet(sweep / j / "reverse.parquet")) for j in jobs)
     assert pooled.n.sum() == per_job and sorted(pooled.k) == [0, 2, 4, 5]
+    from negstudy.tracking import read_offline_run
+
+    runs = [read_offline_run(d) for d in sweep.rglob("offline-run-*")]
+    assert sorted(r["job_type"] for r in runs) == ["generate", "generate", "report"]
+    assert len({r["group"] for r in runs}) == 1 and runs[0]["group"] == f"reverse_activation:{sweep}"
