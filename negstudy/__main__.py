@@ -51,7 +51,7 @@ def generation_job(cfg: DictConfig, out_dir: Path) -> None:
             print("negstudy: negative concept still present: " + ", ".join(f"{k} {v:.0%}" for k, v in rate.items()))
 
 
-STUDIES = ("critical_step", "reverse_activation")
+STUDIES = ("critical_step", "reverse_activation", "mechanisms")
 
 
 def study_job(cfg: DictConfig, out_dir: Path) -> None:

@@ -24,7 +24,7 @@ SCHEDULERS = ("default", "pndm", "ddim", "euler", "dpmpp")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 RECORDABLE = ("eps", "latents")
-SWEEPS = ("single", "critical_step", "reverse_activation")
+SWEEPS = ("single", "critical_step", "reverse_activation", "mechanisms")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUILTIN_PREFIX = "builtin:"
 
@@ -126,6 +126,7 @@ class NegstudyConfig:
     three_branches: bool = False  # compute eps_pos, eps_neg and eps_empty at every step
     record: list[str] = field(default_factory=list)  # per-step tensors the job keeps: eps, latents
     save_images: bool = True
+    mechanisms: Any = None  # settings of the mechanisms study (negstudy.studies.mechanisms): thetas, draws, ...
 
 
 def register_configs() -> None:

@@ -173,7 +173,8 @@ def build(root: str | Path, variant: str = DEFAULT_VARIANT) -> Path:
     root = Path(root)
     ratio, removal, attention = _read(root, "ratio"), _read(root, "removal"), _read(root, "attention")
     reverse = _read(root, "reverse")
-    if ratio.empty and removal.empty and reverse.empty:
+    study_figures = sorted(root.glob("*.png"))  # figures a study drew itself (e.g. mechanisms)
+    if ratio.empty and removal.empty and reverse.empty and not study_figures:
         raise FileNotFoundError(f"{root}: no ratio.parquet, removal.parquet or reverse.parquet below it: is it a negstudy run directory?")
     out = root / "report"
     out.mkdir(exist_ok=True)
@@ -195,6 +196,8 @@ def build(root: str | Path, variant: str = DEFAULT_VARIANT) -> Path:
         figures["reverse"] = _png(_figure_rates(rev, "k", "appears", "k: the negative in steps 0..k-1 only",
                                                 "object appears", "Reverse activation"), out / "reverse_activation.png")
         sections.append(("Reverse activation", rev))
+    for png in study_figures:
+        figures[png.stem] = base64.b64encode(png.read_bytes()).decode()
     md = ["# negstudy report", "", f"Run: `{root}`. Ratio variant: `{variant}`. Rules: object = peak of the mean ratio curve; "
           "attribute = first step from which it stays >= 1; attention = first step at which the negative word's map puts "
           f"{HIT_LIFT:g}x a uniform map's mass on the concept's region; 95 % bootstrap CIs over seeds; removal rates over seeds where "
@@ -234,6 +237,9 @@ def summary_lines(root: str | Path) -> list[str]:
                 f"(95 % CI {_step(row.ci_low)}..{_step(row.ci_high)}, {row.n_seeds} pair-seeds, peak ratio {row.peak_ratio:.3f})")
         if "attention_step_mean" in crit and pd.notna(row.attention_step_mean):
             line += f"; the negative word's attention reaches the concept's region at step {row.attention_step_mean:.1f} on average"
+        elif "attention_n" in crit and row.attention_n > 0:
+            line += (f"; the negative word's attention never concentrates on the concept's region "
+                     f"(lift >= {HIT_LIFT:g}) in {int(row.attention_n)} pair-seeds")
         lines.append(line)
     return lines
 

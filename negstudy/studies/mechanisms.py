@@ -1,0 +1,522 @@
+"""How a negative prompt acts (PAPER.md section 5): inducing, momentum, neutralization, energy barrier.
+
+Step index: the UNet-call index of :mod:`negstudy.schedules`, ``0 <= step < n_calls`` (31 calls for
+PNDM with 30 steps). Predictions are ``(B, C, h, w)`` noise predictions (unit variance by training);
+a "flattened" prediction is the vector of its ``n = C h w`` entries. Norms are reported as RMS per
+entry, ``|v|_rms = |v|_2 / sqrt(n)`` (1 for a standard normal vector), so numbers compare across
+resolutions and between Stable Diffusion latents and the 32x32 pixel-space shapes model.
+
+Inducing, momentum and neutralization read ONE trajectory per image with all three predictions at
+every step (``three_branches``): :class:`MechanismRecorder` reduces each step to a few scalars per
+image as it runs; no prediction is kept beyond the previous step's eps_pos. :func:`trace` runs, in
+one batch, the negative at every step (``always``) and never (``never``) from the same x_T.
+
+- inducing (:func:`inducing`)::
+
+      proj(a onto b) = (a.b / b.b) b,                          a, b flattened (n,)
+      P(t) = |proj(eps_pos(t) onto eps_neg(t))|_rms = |a.b| / (|b|_2 sqrt(n))
+      D(t) = P(t) under always - P(t) under never              (RMS noise units, per image)
+
+  Both trajectories start from the same x_T and their first UNet call sees identical inputs, so
+  D(0) = 0 exactly; the schedules differ from the first scheduler update on.
+- momentum (:func:`momentum`): ``m(t) = cos(eps_pos(t), eps_pos(t + 1))`` for t = 0..n_calls-2,
+  under both schedules.
+- neutralization (:func:`neutralization`): ``cos(eps_pos - eps_empty, eps_neg - eps_empty)``
+  restricted to the entries (3 or 4 channels x pixels) inside the negative's object region, and to
+  those outside it. The region is the oracle's mask of the object in the image generated WITHOUT
+  the negative (same seed), at the latent grid (pixel-space: the mask itself).
+- energy barrier (:func:`energy_barrier`, Figure 5): a background image z_bg and an object image
+  z_obj, mixed ``z = theta z_bg + (1 - theta) z_obj``, noised at a fixed step's timestep t with
+  several noise draws eps, and scored by the denoising error conditional on the positive prompt::
+
+      z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps,   E = mean_{C,h,w} (eps_hat(z_t, t, c_pos) - eps)^2
+
+  z is the image in [-1, 1] for pixel-space models, the VAE latent (times its scaling factor)
+  otherwise. The same draws are used for every theta (paired), so E(theta) - E(0) is not blurred by
+  noise-to-noise variation.
+
+The driver :func:`run` writes ``inducing``, ``momentum``, ``neutralization`` and ``energy`` tables
+(parquet) and their figures; :func:`summarize` gives means with bootstrap bands over seeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from negstudy.critical import bootstrap_ci
+from negstudy.datasets import pairs_of
+from negstudy.records import to_uint8, write_table
+from negstudy.sampler import Batch, Hook, NegativeSampler, StepState
+from negstudy.schedules import Always, Never
+from negstudy.shapes import oracle, world
+from negstudy.studies.critical_step import concept_present
+
+log = logging.getLogger("negstudy")
+
+THETAS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))  # energy-barrier mixing grid
+# Steps (UNet-call indices) whose timesteps noise the mixtures. At 30 PNDM steps, step 10 (t=661 on
+# the shapes model) leaves so little signal that the error is flat in theta; the barrier shows at
+# step 20 (t=331) and later, so both are measured.
+ENERGY_STEPS = (10, 20)
+ENERGY_DRAWS = 8  # noise draws per image pair
+ATTENTION_WINDOW = 5  # steps per window of the attention grid (the paper: 3 or 5)
+HIT_THRESHOLD = 0.5  # mass-in-region rule of negstudy.critical.first_hit_step
+
+
+# ----------------------------------------------------------------------------- vector helpers
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).double()
+
+
+def project(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """proj(a onto b) = (a.b / b.b) b per image, on flattened (B, ...) tensors; shape of ``b``, float64."""
+    fa, fb = _flat(a), _flat(b)
+    coef = (fa * fb).sum(1) / (fb * fb).sum(1)
+    return (coef[:, None] * fb).reshape(b.shape)
+
+
+def projection_rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|proj(a onto b)|_rms = |a.b| / (|b|_2 sqrt(n)) per image, (B,) float64; NaN where b = 0."""
+    fa, fb = _flat(a), _flat(b)
+    return (fa * fb).sum(1).abs() / (fb.norm(dim=1) * math.sqrt(fa.shape[1]))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine between flattened (B, ...) tensors per image, (B,) float64; NaN where one is 0."""
+    fa, fb = _flat(a), _flat(b)
+    return (fa * fb).sum(1) / (fa.norm(dim=1) * fb.norm(dim=1))
+
+
+def masked_cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cosine of a and b (B, C, h, w) over the channels x pixels where ``mask`` (B, h, w) or (h, w) is True.
+
+    Returns (B,) float64; NaN for an empty mask or where a or b vanishes on it.
+    """
+    m = torch.as_tensor(mask, device=a.device).bool()
+    m = m.expand(a.shape[0], *m.shape[-2:]).unsqueeze(1).double()  # (B, 1, h, w), broadcast over channels
+    a, b = a.double(), b.double()
+    dot = (a * b * m).sum((1, 2, 3))
+    return dot / ((a * a * m).sum((1, 2, 3)) * (b * b * m).sum((1, 2, 3))).sqrt()
+
+
+def region_at(mask, size: tuple[int, int]) -> torch.Tensor:
+    """A bool (H, W) image-space region on the latent grid ``size``: a latent cell is in the region if
+    at least half of the pixels it covers are (area pooling); the identity for pixel-space models."""
+    m = torch.as_tensor(np.asarray(mask)).bool()
+    if tuple(m.shape) == tuple(size):
+        return m
+    pooled = F.interpolate(m[None, None].float(), size=tuple(size), mode="area")[0, 0]
+    return pooled >= 0.5
+
+
+# ----------------------------------------------------------------------------- the hook
+
+
+class MechanismRecorder(Hook):
+    """Per-step scalars of the three predictions of every image (the sampler needs ``three_branches``).
+
+    regions: None, or one entry per image of the batch: a bool (H, W) mask of the negative's object
+    (image or latent grid), or None for an image without one (its neutralization columns are NaN).
+
+    :meth:`table` has one row per image and step: ``proj`` = |proj(eps_pos onto eps_neg)|_rms,
+    ``coef`` = a.b / b.b, ``momentum`` = cos(eps_pos(step), eps_pos(step + 1)) (NaN at the last
+    step), ``neutral_inside`` / ``neutral_outside`` / ``neutral_all`` = cos(eps_pos - eps_empty,
+    eps_neg - eps_empty) over the region / the rest / everything. Only eps_pos of the previous
+    step is held between steps.
+    """
+
+    COLUMNS = ("proj", "coef", "momentum", "neutral_inside", "neutral_outside", "neutral_all")
+
+    def __init__(self, regions: Sequence | None = None):
+        self.regions = regions
+        self._rows: list[tuple[int, torch.Tensor]] = []
+        self._table: pd.DataFrame | None = None
+
+    def on_start(self, sampler: NegativeSampler, batch: Batch) -> None:
+        if not sampler.three_branches:
+            raise ValueError("MechanismRecorder needs eps_pos, eps_neg and eps_empty at every step: "
+                             "use NegativeSampler(..., three_branches=True)")
+        if self.regions is not None and len(self.regions) != len(batch):
+            raise ValueError(f"{len(self.regions)} regions for a batch of {len(batch)} images")
+        size = tuple(sampler.latent_shape[1:])
+        self._masks = None
+        if self.regions is not None:
+            empty = torch.zeros(size, dtype=torch.bool)
+            masks = [region_at(r, size) if r is not None else empty for r in self.regions]
+            self._masks = torch.stack(masks).to(sampler.device)  # (B, h, w)
+            self._has_region = torch.tensor([r is not None for r in self.regions], device=sampler.device)
+        self._prev: torch.Tensor | None = None
+        self._rows, self._table = [], None
+
+    def on_step(self, state: StepState) -> None:
+        pos, neg, empty = (state.eps[k] for k in ("positive", "negative", "empty"))
+        b = pos.shape[0]
+        nan = torch.full((b,), float("nan"), dtype=torch.float64, device=pos.device)
+        fa, fb = _flat(pos), _flat(neg)
+        values = {
+            "proj": projection_rms(pos, neg),
+            "coef": (fa * fb).sum(1) / (fb * fb).sum(1),
+            "momentum": nan.clone(),  # filled in at the next step
+            "neutral_inside": nan, "neutral_outside": nan,
+            "neutral_all": cosine(pos - empty, neg - empty),
+        }
+        if self._masks is not None:
+            d_pos, d_neg = pos - empty, neg - empty
+            keep = self._has_region
+            values["neutral_inside"] = torch.where(keep, masked_cosine(d_pos, d_neg, self._masks), nan)
+            values["neutral_outside"] = torch.where(keep, masked_cosine(d_pos, d_neg, ~self._masks), nan)
+        if self._prev is not None:
+            self._rows[-1][1][:, self.COLUMNS.index("momentum")] = cosine(self._prev, pos)
+        self._prev = pos.clone()
+        self._rows.append((state.step, torch.stack([values[c] for c in self.COLUMNS], 1)))
+
+    def on_end(self, images) -> None:
+        frames = []
+        for step, values in self._rows:
+            v = values.cpu().numpy()
+            frame = pd.DataFrame(v, columns=list(self.COLUMNS))
+            frame.insert(0, "step", step)
+            frame.insert(0, "image", np.arange(len(v)))
+            frames.append(frame)
+        self._table = pd.concat(frames, ignore_index=True).sort_values(["image", "step"], ignore_index=True)
+        self._rows, self._prev = [], None
+
+    def close(self) -> None:
+        self._prev = None
+
+    def table(self) -> pd.DataFrame:
+        """image, step and the columns of :attr:`COLUMNS`, for the last ``generate`` call."""
+        if self._table is None:
+            raise RuntimeError("no finished trajectory recorded yet")
+        return self._table
+
+
+def with_branches(sampler: NegativeSampler, three_branches: bool) -> NegativeSampler:
+    """The sampler itself if it already computes the branches asked for, else a twin over the same pipeline."""
+    if sampler.three_branches == three_branches:
+        return sampler
+    return NegativeSampler(sampler.pipe, steps=sampler.steps, guidance_scale=sampler.guidance_scale,
+                           height=sampler.height, width=sampler.width, three_branches=three_branches,
+                           progress=sampler.progress)
+
+
+def trace(sampler: NegativeSampler, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int],
+          regions: Sequence | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """Always and never trajectories of each (prompt, negative, seed) item, three branches, one batch.
+
+    regions: per item, the negative object's mask (see :class:`MechanismRecorder`) or None.
+    Returns the per-step table (item, schedule, step, the recorder's columns) and the images
+    (2 k, H, W, 3) in [0, 1]: items 0..k-1 under always, then the same items under never.
+    """
+    three = with_branches(sampler, True)
+    n, k = three.n_calls, len(prompts)
+    batch = Batch(list(prompts) * 2, list(negatives) * 2, [int(s) for s in seeds] * 2,
+                  [Always().plan(n)] * k + [Never().plan(n)] * k)
+    recorder = MechanismRecorder(list(regions) * 2 if regions is not None else None)
+    images = three.generate(batch, [recorder])
+    table = recorder.table()
+    table.insert(0, "schedule", np.where(table.image < k, "always", "never"))
+    table.insert(0, "item", table.pop("image") % k)
+    return table, images
+
+
+# ----------------------------------------------------------------------------- the analyses
+
+
+def inducing(steps: pd.DataFrame) -> pd.DataFrame:
+    """D(t) per item from :func:`trace`'s table: item, step, proj_always, proj_never, D (RMS noise units)."""
+    wide = steps.pivot_table(index=["item", "step"], columns="schedule", values="proj").reset_index()
+    wide = wide.rename(columns={"always": "proj_always", "never": "proj_never"}).rename_axis(columns=None)
+    wide["D"] = wide.proj_always - wide.proj_never
+    return wide[["item", "step", "proj_always", "proj_never", "D"]]
+
+
+def momentum(steps: pd.DataFrame) -> pd.DataFrame:
+    """m(t) = cos(eps_pos(t), eps_pos(t + 1)): item, schedule, step (t = 0..n_calls-2), m."""
+    m = steps[["item", "schedule", "step", "momentum"]].dropna(subset=["momentum"]).rename(columns={"momentum": "m"})
+    return m.reset_index(drop=True)
+
+
+def neutralization(steps: pd.DataFrame) -> pd.DataFrame:
+    """Alignment of the two guidance directions inside vs outside the object region.
+
+    item, schedule, step, where ("inside", "outside", "all"), cos; items without a region are left out.
+    """
+    cols = {"neutral_inside": "inside", "neutral_outside": "outside", "neutral_all": "all"}
+    has = steps.groupby("item").neutral_inside.transform(lambda s: s.notna().any())
+    long = steps[has].melt(id_vars=["item", "schedule", "step"], value_vars=list(cols), var_name="where", value_name="cos")
+    long["where"] = long["where"].map(cols)
+    return long.sort_values(["item", "schedule", "where", "step"], ignore_index=True)
+
+
+def to_latents(sampler: NegativeSampler, images: np.ndarray) -> torch.Tensor:
+    """Images (B, H, W, 3), uint8 or float in [0, 1] -> z (B, C, h, w) on the sampler's device.
+
+    Pixel-space models: the image in [-1, 1]. Latent models: the VAE posterior mean times the
+    VAE's scaling factor (what the UNet was trained on).
+    """
+    x = np.asarray(images)
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    z = torch.from_numpy(x).permute(0, 3, 1, 2).to(sampler.device, sampler.unet.dtype) * 2 - 1
+    if sampler.vae is not None:
+        with torch.no_grad():
+            z = sampler.vae.encode(z).latent_dist.mean * sampler.vae.config.scaling_factor
+    return z
+
+
+def denoising_error(sampler: NegativeSampler, z: torch.Tensor, step: int, cond: torch.Tensor,
+                    noise: torch.Tensor) -> torch.Tensor:
+    """Mean over (C, h, w) of (eps_hat(z_t, t, cond) - eps)^2 for clean z (B, C, h, w), (B,) float64.
+
+    t = the timestep of ``step`` (UNet-call index) after ``set_timesteps(sampler.steps)``;
+    z_t = sqrt(abar_t) z + sqrt(1 - abar_t) noise; cond (B, tokens, dim) text embeddings.
+    v-prediction models are converted to eps: eps_hat = sqrt(1 - abar) z_t + sqrt(abar) v.
+    """
+    sched = sampler.scheduler
+    sched.set_timesteps(sampler.steps, device=sampler.device)
+    t = sched.timesteps[step]
+    abar = sched.alphas_cumprod[int(t)].to(device=z.device, dtype=torch.float64)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    z_t = (a * z.double() + s * noise.double()).to(z.dtype)
+    with torch.no_grad():
+        out = sampler.unet(sched.scale_model_input(z_t, t), t, encoder_hidden_states=cond, return_dict=False)[0]
+    out = out.double()
+    if sched.config.prediction_type == "v_prediction":
+        out = s * z_t.double() + a * out
+    elif sched.config.prediction_type != "epsilon":
+        raise ValueError(f"prediction_type={sched.config.prediction_type!r}: the energy proxy needs eps or v")
+    return ((out - noise.double()) ** 2).mean((1, 2, 3))
+
+
+def energy_noise(shape: Sequence[int], draws: int, seed: int, device) -> torch.Tensor:
+    """(draws, *shape) standard normal draws from a CPU generator seeded with ``seed``."""
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn((draws, *shape), generator=g).to(device)
+
+
+def energy_barrier(sampler: NegativeSampler, prompts: Sequence[str], z_bg: torch.Tensor, z_obj: torch.Tensor,
+                   thetas: Sequence[float] = THETAS, steps: Sequence[int] = ENERGY_STEPS, draws: int = ENERGY_DRAWS,
+                   noise_seeds: Sequence[int] | None = None, max_rows: int = 128) -> pd.DataFrame:
+    """Denoising error along the mix z = theta z_bg + (1 - theta) z_obj (PAPER.md Figure 5).
+
+    prompts: per image pair, the positive prompt the UNet is conditioned on; z_bg, z_obj: (P, C, h, w)
+    from :func:`to_latents`. Pair i uses noise :func:`energy_noise` (draws, C, h, w) seeded with
+    ``noise_seeds[i]`` (default i), the same for every theta and step.
+    Returns item, step, timestep, draw, theta, error (see :func:`denoising_error`), and relative =
+    error / mean(error at theta 0, error at theta 1) of the same item, step and draw (NaN without
+    both ends in ``thetas``).
+    """
+    n_pairs = len(prompts)
+    if z_bg.shape != z_obj.shape or z_bg.shape[0] != n_pairs:
+        raise ValueError(f"z_bg {tuple(z_bg.shape)}, z_obj {tuple(z_obj.shape)} and {n_pairs} prompts must pair up")
+    seeds = list(range(n_pairs)) if noise_seeds is None else [int(s) for s in noise_seeds]
+    noise = torch.stack([energy_noise(z_bg.shape[1:], draws, s, z_bg.device) for s in seeds])  # (P, draws, C, h, w)
+    cond = torch.cat([sampler.encode(p) for p in prompts])
+    rows = [(i, d, th) for i in range(n_pairs) for d in range(draws) for th in thetas]
+    sched = sampler.scheduler
+    sched.set_timesteps(sampler.steps)
+    out = []
+    for step in steps:
+        timestep = int(sched.timesteps[step])
+        for start in range(0, len(rows), max_rows):
+            chunk = rows[start : start + max_rows]
+            i = torch.tensor([r[0] for r in chunk], device=z_bg.device)
+            d = torch.tensor([r[1] for r in chunk], device=z_bg.device)
+            th = torch.tensor([r[2] for r in chunk], device=z_bg.device, dtype=z_bg.dtype).view(-1, 1, 1, 1)
+            z = th * z_bg[i] + (1 - th) * z_obj[i]
+            err = denoising_error(sampler, z, step, cond[i], noise[i, d]).cpu().numpy()
+            out += [(r[0], step, timestep, r[1], float(r[2]), float(e)) for r, e in zip(chunk, err)]
+    table = pd.DataFrame(out, columns=["item", "step", "timestep", "draw", "theta", "error"])
+    ends = table[table.theta.isin([0.0, 1.0])].groupby(["item", "step", "draw"]).error
+    base = ends.mean().where(ends.count() == 2)
+    table["relative"] = table.error / base.reindex(pd.MultiIndex.from_frame(table[["item", "step", "draw"]])).to_numpy()
+    return table
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def summarize(df: pd.DataFrame, x: str, value: str, units: Sequence[str], by: Sequence[str] = (),
+              n_boot: int = 1000, ci: float = 0.95) -> pd.DataFrame:
+    """Mean curve of ``value`` against ``x`` with a percentile-bootstrap band over ``units``.
+
+    units: the columns naming one independent curve (e.g. pair and seed); curves are resampled
+    whole (:func:`negstudy.critical.bootstrap_ci`). by: columns giving separate curves.
+    Returns by..., x, mean, low, high, n (the number of units).
+    """
+    frames = []
+    groups = df.groupby(list(by)) if by else [((), df)]
+    for key, g in groups:
+        mat = g.pivot_table(index=list(units), columns=x, values=value, aggfunc="mean", dropna=False)
+        mean, low, high = bootstrap_ci(mat.to_numpy(), n_boot=n_boot, ci=ci)
+        frame = pd.DataFrame({x: mat.columns.to_numpy(), "mean": mean, "low": low, "high": high,
+                              "n": mat.notna().sum(axis=0).to_numpy()})
+        for col, v in zip(by, key if isinstance(key, tuple) else (key,)):
+            frame.insert(0, col, v)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def naming_prompt(prompt: str, negative: str) -> str:
+    """The shapes caption of ``prompt`` that also names the negative's objects ("a ball and a sun on the grass")."""
+    spec, extra = world.parse_caption(prompt), world.parse_caption(negative).objects
+    objects = tuple(dict.fromkeys(spec.objects + extra))
+    if spec.background is None:
+        return f"{prompt} and " + " and ".join(f"a {o}" for o in extra)
+    scene = world.Scene(background=spec.background, objects=(), attribute=spec.attribute, named_objects=objects,
+                        attribute_named=spec.attribute is not None)
+    return world.caption(scene)
+
+
+def _generate(sampler: NegativeSampler, prompts: list[str], seeds: list[int], chunk: int) -> np.ndarray:
+    """uint8 images of the prompts without a negative (plain CFG), ``chunk`` images per batch."""
+    plan = Never().plan(sampler.n_calls)
+    out = []
+    for i in range(0, len(prompts), chunk):
+        p, s = prompts[i : i + chunk], seeds[i : i + chunk]
+        out.append(to_uint8(sampler.generate(Batch(p, [""] * len(p), s, [plan] * len(p)))))
+    return np.concatenate(out)
+
+
+def _object_region(verdict, negative: str) -> tuple[bool, np.ndarray | None]:
+    """Whether the negative's object(s) are in the image and their region; (False, None) for attribute negatives."""
+    if not world.parse_caption(negative).objects:
+        return False, None
+    return concept_present(verdict, negative)
+
+
+def _setting(cfg: DictConfig, key: str, default):
+    value = OmegaConf.select(cfg, f"mechanisms.{key}", default=default)
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, pd.DataFrame]:
+    """The four mechanism tables and their figures for ``cfg.dataset`` pairs x ``cfg.seeds``.
+
+    Optional settings under ``cfg.mechanisms`` (defaults: the module constants): thetas,
+    energy_steps, draws, window, threshold, and screen_seeds / max_extra: also screen seeds
+    0..screen_seeds-1 of each pair without the negative and add up to max_extra of those in which
+    the negative's object appears (neutralization needs such seeds; off by default). Every table
+    says per row whether the object appeared without the negative and whether the seed was added
+    by the screen.
+
+    1. without the negative (plain CFG): each pair's prompt per seed; the oracle gives the
+       negative object's region if it appears; the prompt naming the object, per seed;
+    2. always / never with three branches, regions from 1: inducing, momentum, neutralization;
+    3. energy barrier per (pair, seed) with a confirmed background and object image of that seed:
+       z_obj = the image without the negative if the object is there, else the naming prompt's
+       image; z_bg = the image with the negative (object gone) in the first case, else the image
+       without it; pairs the oracle cannot confirm are left out;
+    4. an attention grid (Figures 1/4) for the first (pair, seed) with a region.
+    """
+    from negstudy import figures
+
+    out_dir = Path(out_dir)
+    thetas = [float(t) for t in _setting(cfg, "thetas", list(THETAS))]
+    energy_steps = [int(s) for s in _setting(cfg, "energy_steps", list(ENERGY_STEPS))]
+    draws = int(_setting(cfg, "draws", ENERGY_DRAWS))
+    window = int(_setting(cfg, "window", ATTENTION_WINDOW))
+    threshold = float(_setting(cfg, "threshold", HIT_THRESHOLD))
+    screen_seeds = int(_setting(cfg, "screen_seeds", 0))
+    max_extra = int(_setting(cfg, "max_extra", 2))
+    chunk = max(1, int(cfg.get("batch_size", 16)) // 2)
+    pairs = pairs_of(cfg.dataset)
+    plain = with_branches(sampler, False)
+
+    # 1. without the negative: the object's region per (pair, seed), screening extra seeds if asked
+    seeds = list(dict.fromkeys(int(s) for s in cfg.seeds))
+    candidates = [(p, s) for p in range(len(pairs)) for s in dict.fromkeys(seeds + list(range(screen_seeds)))]
+    screen_images = _generate(plain, [pairs[p].prompt for p, _ in candidates], [s for _, s in candidates], 2 * chunk)
+    found = {c: _object_region(v, pairs[c[0]].negative) for c, v in zip(candidates, oracle.inspect_batch(screen_images))}
+    image_without = dict(zip(candidates, screen_images))
+    items = [(p, s) for p in range(len(pairs)) for s in seeds]
+    for p in range(len(pairs)):
+        extra = [s for s in range(screen_seeds) if s not in seeds and found[(p, s)][0]][:max_extra]
+        items += [(p, s) for s in extra]
+    k = len(items)
+    without = [found[c] for c in items]
+    regions = [region for _, region in without]
+    meta = pd.DataFrame([{"item": j, "pair": p, "prompt": pairs[p].prompt, "negative": pairs[p].negative,
+                          "category": pairs[p].category, "seed": s, "screened": s not in seeds,
+                          "present_without_negative": without[j][0]} for j, (p, s) in enumerate(items)])
+    log.info("mechanisms: %d (pair, seed) items, object present without the negative in %d", k,
+             sum(r is not None for r in regions))
+
+    # 2. always / never trajectories with three branches
+    tables, always_images = [], []
+    for start in range(0, k, chunk):
+        part = items[start : start + chunk]
+        steps, images = trace(sampler, [pairs[p].prompt for p, _ in part], [pairs[p].negative for p, _ in part],
+                              [s for _, s in part], regions[start : start + chunk])
+        steps["item"] += start
+        tables.append(steps)
+        always_images.append(to_uint8(images[: len(part)]))
+    steps = pd.concat(tables, ignore_index=True)
+    always_images = np.concatenate(always_images)
+    removed = [not _object_region(v, pairs[p].negative)[0] for v, (p, _) in zip(oracle.inspect_batch(always_images), items)]
+    out = {"inducing": inducing(steps), "momentum": momentum(steps), "neutralization": neutralization(steps)}
+    region_fraction = {j: float(r.mean()) for j, r in enumerate(regions) if r is not None}
+    out["neutralization"]["region_fraction"] = out["neutralization"].item.map(region_fraction)
+
+    # 3. energy barrier: a background and an object image per (pair, seed), confirmed by the oracle
+    is_object = [bool(world.parse_caption(pairs[p].negative).objects) for p, _ in items]
+    need_named = [j for j in range(k) if is_object[j] and not without[j][0]]
+    named_images = _generate(plain, [naming_prompt(pairs[items[j][0]].prompt, pairs[items[j][0]].negative) for j in need_named],
+                             [items[j][1] for j in need_named], 2 * chunk) if need_named else []
+    named_ok = {j: _object_region(v, pairs[items[j][0]].negative)[0]
+                for j, v in zip(need_named, oracle.inspect_batch(named_images) if need_named else [])}
+    named_image = dict(zip(need_named, named_images))
+    chosen = []  # (item, z_bg image, z_obj image, bg source, obj source)
+    for j, c in enumerate(items):
+        if without[j][0] and removed[j]:
+            chosen.append((j, always_images[j], image_without[c], "with_negative", "without_negative"))
+        elif named_ok.get(j):
+            chosen.append((j, image_without[c], named_image[j], "without_negative", "naming_prompt"))
+    if chosen:
+        z_bg = to_latents(sampler, np.stack([c[1] for c in chosen]))
+        z_obj = to_latents(sampler, np.stack([c[2] for c in chosen]))
+        energy = energy_barrier(sampler, [pairs[items[c[0]][0]].prompt for c in chosen], z_bg, z_obj, thetas,
+                                energy_steps, draws, noise_seeds=[items[c[0]][1] * 1000 + items[c[0]][0] for c in chosen])
+        energy["item"] = energy.item.map({e: c[0] for e, c in enumerate(chosen)})
+        sources = pd.DataFrame([{"item": c[0], "bg_source": c[3], "obj_source": c[4]} for c in chosen])
+        energy = energy.merge(sources, on="item")
+    else:
+        log.warning("mechanisms: no (pair, seed) with a confirmed background and object image: energy table empty")
+        energy = pd.DataFrame({"item": pd.Series(dtype="int64"), "step": pd.Series(dtype="int64"),
+                               "timestep": pd.Series(dtype="int64"), "draw": pd.Series(dtype="int64"),
+                               **{c: pd.Series(dtype="float64") for c in ("theta", "error", "relative")},
+                               **{c: pd.Series(dtype="object") for c in ("bg_source", "obj_source")}})
+    out["energy"] = energy
+
+    # 4. tables with the pairs' metadata, then figures
+    for name in list(out):
+        out[name] = meta.merge(out[name], on="item").drop(columns="item")
+        write_table(out[name], out_dir / f"{name}.parquet")
+    figures.save(figures.fig_inducing(out["inducing"]), out_dir / "inducing.png")
+    figures.save(figures.fig_momentum(out["momentum"]), out_dir / "momentum.png")
+    if not out["neutralization"].empty:
+        figures.save(figures.fig_neutralization(out["neutralization"]), out_dir / "neutralization.png")
+    if not out["energy"].empty:
+        figures.save(figures.fig_energy(out["energy"]), out_dir / "energy.png")
+    first = next((j for j, r in enumerate(regions) if r is not None), None)
+    if first is not None:
+        p, seed = items[first]
+        fig, windows = figures.attention_grid_for(sampler, pairs[p].prompt, pairs[p].negative, seed, window, threshold)
+        figures.save(fig, out_dir / "attention_grid.png")
+        out["attention_windows"] = windows.assign(pair=p, prompt=pairs[p].prompt, negative=pairs[p].negative, seed=seed)
+        write_table(out["attention_windows"], out_dir / "attention_windows.parquet")
+    return out
