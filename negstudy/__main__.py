@@ -82,7 +82,7 @@ def study_job(cfg: DictConfig, out_dir: Path) -> None:
             tracker.curves(curves, "step", [c for c in curves if c != "step"])
         for csv in sorted((out_dir / "report").glob("*.csv")):
             tracker.table(csv.stem, pd.read_csv(csv))
-        tracker.images("figures", sorted((out_dir / "report").glob("*.png")))
+        tracker.images("figures", sorted((out_dir / "report").glob("*.png")) + sorted(out_dir.glob("*.png")))
         crit = out_dir / "report" / "critical_steps.parquet"
         if crit.exists():
             c = pd.read_parquet(crit)
