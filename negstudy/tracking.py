@@ -90,8 +90,7 @@ class Tracker:
         self.run.define_metric(f"{prefix}{step}")
         for c in columns:
             self.run.define_metric(f"{prefix}{c}", step_metric=f"{prefix}{step}")
-        for row in frame.sort_values(step).itertuples(index=False):
-            d = row._asdict()
+        for d in frame.sort_values(step).to_dict("records"):
             self.run.log({f"{prefix}{step}": d[step], **{f"{prefix}{c}": d[c] for c in columns}})
 
     def table(self, name: str, frame: pd.DataFrame) -> None:
