@@ -106,6 +106,11 @@ def test_main_job_end_to_end_on_the_shipped_model(tmp_path):
     removal = pd.read_parquet(out / "removal.parquet")
     assert sorted(removal.start_step.unique()) == [0, 2, 4, 6]  # k = 6: never
     assert (out / "report" / "ratio_curves.png").stat().st_size > 5000
+    from negstudy.tracking import read_offline_run  # W&B offline is the default logger
+
+    run = read_offline_run(next((out / "wandb").glob("offline-run-*")))
+    assert "critical_step/object" in run["summary"] and run["group"].startswith("critical_step:")
+    assert [row["step"] for row in run["history"] if "ratio/object" in row] == list(range(6))
 
 
 def test_multirun_ends_with_one_report_over_all_jobs(tmp_path):
