@@ -115,6 +115,3 @@ def load_pipeline(model_cfg, device: torch.device):
 def _model_index(path: str) -> dict:
     return json.loads((Path(path) / "model_index.json").read_text())
 
-
-def is_pixel_space(pipe) -> bool:
-    return getattr(pipe, "vae", None) is None

@@ -3,7 +3,6 @@ and draws what it is asked for, as the oracle reads it."""
 
 import json
 
-import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
