@@ -51,7 +51,7 @@ def generation_job(cfg: DictConfig, out_dir: Path) -> None:
             print("negstudy: negative concept still present: " + ", ".join(f"{k} {v:.0%}" for k, v in rate.items()))
 
 
-STUDIES = ("critical_step", "reverse_activation", "mechanisms")
+STUDIES = ("critical_step", "reverse_activation", "mechanisms", "attention_maps")
 
 
 def study_job(cfg: DictConfig, out_dir: Path) -> None:
@@ -82,7 +82,8 @@ def study_job(cfg: DictConfig, out_dir: Path) -> None:
             tracker.curves(curves, "step", [c for c in curves if c != "step"])
         for csv in sorted((out_dir / "report").glob("*.csv")):
             tracker.table(csv.stem, pd.read_csv(csv))
-        tracker.images("figures", sorted((out_dir / "report").glob("*.png")) + sorted(out_dir.glob("*.png")))
+        tracker.images("figures", sorted((out_dir / "report").glob("*.png")) + sorted(out_dir.glob("*.png"))
+                       + sorted(out_dir.glob("grids/*.png")))
         crit = out_dir / "report" / "critical_steps.parquet"
         if crit.exists():
             c = pd.read_parquet(crit)

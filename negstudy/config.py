@@ -24,7 +24,7 @@ SCHEDULERS = ("default", "pndm", "ddim", "euler", "dpmpp")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 RECORDABLE = ("eps", "latents")
-SWEEPS = ("single", "critical_step", "reverse_activation", "mechanisms")
+SWEEPS = ("single", "critical_step", "reverse_activation", "mechanisms", "attention_maps")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUILTIN_PREFIX = "builtin:"
 

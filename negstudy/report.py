@@ -173,7 +173,7 @@ def build(root: str | Path, variant: str = DEFAULT_VARIANT) -> Path:
     root = Path(root)
     ratio, removal, attention = _read(root, "ratio"), _read(root, "removal"), _read(root, "attention")
     reverse = _read(root, "reverse")
-    study_figures = sorted(root.glob("*.png"))  # figures a study drew itself (e.g. mechanisms)
+    study_figures = sorted(root.glob("*.png")) + sorted(root.glob("grids/*.png"))  # figures a study drew itself
     if ratio.empty and removal.empty and reverse.empty and not study_figures:
         raise FileNotFoundError(f"{root}: no ratio.parquet, removal.parquet or reverse.parquet below it: is it a negstudy run directory?")
     out = root / "report"

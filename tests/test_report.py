@@ -134,3 +134,15 @@ def test_multirun_ends_with_one_report_over_all_jobs(tmp_path):
     runs = [read_offline_run(d) for d in sweep.rglob("offline-run-*")]
     assert sorted(r["job_type"] for r in runs) == ["generate", "generate", "report"]
     assert len({r["group"] for r in runs}) == 1 and runs[0]["group"] == f"reverse_activation:{sweep}"
+
+
+def test_attention_maps_sweep_writes_grids(tmp_path):
+    out = tmp_path / "am"
+    proc = subprocess.run([sys.executable, "-m", "negstudy", "+sweep=attention_maps", "steps=9", "seeds=[0]", "dataset.limit=1",
+                           "logger=none", f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    grids = list((out / "grids").glob("*.png"))
+    assert len(grids) == 1 and grids[0].stat().st_size > 5000
+    windows = pd.read_parquet(out / "attention_windows.parquet")
+    assert sorted(windows.first_step.unique()) == [0, 5] and set(windows.branch) == {"positive", "negative"}  # 10 calls
+    assert "data:image/png;base64," in (out / "report" / "report.html").read_text()
