@@ -13,12 +13,24 @@ Rules:
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 CATEGORIES = ("object", "attribute")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
+    """(rate, low, high): the 95 % Wilson score interval of k successes in n trials."""
+    if n == 0:
+        return (float("nan"),) * 3
+    p = k / n
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return p, max(0.0, centre - half), min(1.0, centre + half)
 
 
 def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, ci: float = 0.95):

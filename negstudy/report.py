@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from negstudy.critical import agreement, bootstrap_ci, bootstrap_critical_step, first_hit_step
+from negstudy.critical import agreement, bootstrap_ci, bootstrap_critical_step, first_hit_step, wilson
 from negstudy.records import write_table, write_text
-from negstudy.shapes.quality import wilson
 
 DEFAULT_VARIANT = "all_tokens"
 HIT_LIFT = 2.0  # attention "reaches the region" once its mass there is twice what a uniform map would put there

@@ -171,6 +171,7 @@ class NegativeSampler:
         latents = self.initial_latents(seeds)
         extra = self.pipe.prepare_extra_step_kwargs([torch.Generator("cpu").manual_seed(int(x)) for x in seeds], 0.0)
         s = self.guidance_scale
+        lane_of = self._lane_of(lanes, len(batch))
         # 5. the denoising loop
         for i, t in enumerate(tqdm(timesteps, desc="steps", leave=False, disable=not self.progress)):
             lanes, source = self._split(lanes, batch.plans, i)
@@ -178,6 +179,7 @@ class NegativeSampler:
                 index = torch.tensor(source, device=self.device)
                 latents = self._copy_rows(latents, index)
                 embeds = {k: v[index] for k, v in embeds.items()}
+                lane_of = self._lane_of(lanes, len(batch))
             plans = [batch.plans[lane[0]] for lane in lanes]
             rows = self._rows(plans, i)
             for hook in hooks:
@@ -191,10 +193,6 @@ class NegativeSampler:
                 eps[branch][b] = out[j]
             guided = self._guide(eps, plans, i, s)
             if hooks:
-                lane_of = torch.empty(len(batch), dtype=torch.long)
-                for k, lane in enumerate(lanes):
-                    lane_of[lane] = k
-                lane_of = lane_of.to(self.device)
                 state = StepState(i, int(t), latents[lane_of], {k: v[lane_of] for k, v in eps.items()},
                                   guided[lane_of], [p.branch(i) for p in batch.plans])
                 for hook in hooks:
@@ -206,6 +204,13 @@ class NegativeSampler:
         for k, lane in enumerate(lanes):
             out[lane] = decoded[k]
         return out
+
+    def _lane_of(self, lanes: list[list[int]], n: int) -> torch.Tensor:
+        """(n,) index of the lane each image rides in."""
+        lane_of = torch.empty(n, dtype=torch.long)
+        for k, lane in enumerate(lanes):
+            lane_of[lane] = k
+        return lane_of.to(self.device)
 
     @staticmethod
     def _split(lanes: list[list[int]], plans: Sequence[StepPlan], step: int) -> tuple[list[list[int]], list[int]]:

@@ -20,21 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from negstudy.critical import wilson
 from negstudy.records import to_uint8
 from negstudy.sampler import Batch, NegativeSampler
 from negstudy.schedules import Always, Never
 from negstudy.shapes import oracle, world
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
-    """(rate, low, high): the 95 % Wilson score interval of k successes in n trials."""
-    if n == 0:
-        return (float("nan"),) * 3
-    p = k / n
-    d = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / d
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return p, max(0.0, centre - half), min(1.0, centre + half)
 
 
 def psnr_outside(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
