@@ -180,6 +180,8 @@ class NegativeSampler:
                 latents = self._copy_rows(latents, index)
                 embeds = {k: v[index] for k, v in embeds.items()}
                 lane_of = self._lane_of(lanes, len(batch))
+                if isinstance(extra.get("generator"), list):  # stochastic schedulers: each lane keeps its own stream
+                    extra["generator"] = [_clone(extra["generator"][k]) for k in source]
             plans = [batch.plans[lane[0]] for lane in lanes]
             rows = self._rows(plans, i)
             for hook in hooks:
@@ -263,3 +265,10 @@ class NegativeSampler:
         if self.vae is not None:
             latents = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(latents, output_type="np")
+
+
+def _clone(generator: torch.Generator) -> torch.Generator:
+    """An independent generator in the same state (a split lane continues the same noise stream)."""
+    copy = torch.Generator(generator.device)
+    copy.set_state(generator.get_state())
+    return copy

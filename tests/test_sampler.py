@@ -139,3 +139,16 @@ def test_shared_prefix_engine_equals_independent_runs(scheduler, family):
     assert shared_rows < 0.75 * alone_rows  # prefixes ran once
     if family == "from_step":  # lanes at step i: never-lane + one per k <= i  ->  sum_i (i + 2) ... minus the k = n lane
         assert shared_rows == 2 * sum(min(i + 2, m) for i in range(n))
+
+
+def test_shared_prefix_with_a_stochastic_scheduler():
+    """Split lanes keep independent copies of their noise stream: same images as separate runs."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    pipe = tiny_pipeline(2)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    sampler = NegativeSampler(pipe, steps=5)
+    plans = [FromStep(k).plan(sampler.n_calls) for k in (0, 2, 5)]
+    shared = sampler.generate(Batch([PROMPT] * 3, [NEG] * 3, [1] * 3, plans))
+    alone = np.concatenate([sampler.generate(Batch([PROMPT], [NEG], [1], [p])) for p in plans])
+    assert np.abs(shared - alone).max() < 1e-5
