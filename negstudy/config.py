@@ -89,6 +89,48 @@ class EvaluatorConfig:
 
 
 @dataclass
+class JudgeConfig(EvaluatorConfig):
+    """A vision-language judge behind any OpenAI-compatible endpoint (negstudy.evaluators.judge)."""
+
+    name: str = "judge"
+    base_url: Optional[str] = None  # null = OpenAI's API; e.g. http://localhost:8000/v1 for vLLM / ollama
+    model: str = "gpt-4o"  # the paper used gpt-4-vision-preview (retired)
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this environment variable ...
+    api_key_file: Optional[str] = None  # ... or from this file; never from the config itself
+    labels: str = "coco"  # objects the judge may name: coco, shapes, or a one-label-per-line file
+    cache_dir: str = "~/.cache/negstudy/judge"  # answers keyed by endpoint, model, task, prompt version, images
+    concurrency: int = 4  # requests in flight
+    requests_per_minute: float = 60.0
+    max_retries: int = 4  # on 429 / 5xx / timeouts, with exponential backoff
+    timeout_s: float = 60.0
+    image_detail: str = "low"  # low | high | auto (OpenAI's image detail)
+    price_input_per_mtok: float = 2.5  # USD per million tokens, for the cost column
+    price_output_per_mtok: float = 10.0
+
+
+@dataclass
+class ClipConfig(EvaluatorConfig):
+    """CLIP score with transformers' CLIPModel (negstudy.evaluators.clip)."""
+
+    name: str = "clip"
+    path: str = "auto"  # auto = builtin:shapes_clip on the shapes model, openai/clip-vit-large-patch14 otherwise
+    batch_size: int = 64
+    local_files_only: bool = False
+
+
+@dataclass
+class OwlConfig(EvaluatorConfig):
+    """Open-vocabulary detection with OWLv2 (negstudy.evaluators.owl)."""
+
+    name: str = "owl"
+    path: str = "google/owlv2-base-patch16-ensemble"
+    labels: str = "coco"
+    threshold: float = 0.3
+    batch_size: int = 4
+    local_files_only: bool = False
+
+
+@dataclass
 class LoggerConfig:
     name: str = "none"
     project: str = "negstudy"
@@ -113,7 +155,7 @@ class NegstudyConfig:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
     schedule: Any = MISSING
-    evaluator: EvaluatorConfig = MISSING
+    evaluator: Any = MISSING  # one of the evaluator schemas: EvaluatorConfig, JudgeConfig, ClipConfig, OwlConfig
     logger: LoggerConfig = MISSING
     sweep: SweepConfig = field(default_factory=SweepConfig)
     steps: int = 30
@@ -135,6 +177,9 @@ def register_configs() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     cs.store(group="evaluator", name="evaluator_schema", node=EvaluatorConfig)
+    cs.store(group="evaluator", name="judge_schema", node=JudgeConfig)
+    cs.store(group="evaluator", name="clip_schema", node=ClipConfig)
+    cs.store(group="evaluator", name="owl_schema", node=OwlConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     cs.store(group="sweep", name="sweep_schema", node=SweepConfig)
     for name, node in [

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from negstudy.shapes import oracle, world
 
 
 class OracleEvaluator:
     name = "oracle"
+    locates = True
+
+    def objects(self, images, labels=None) -> list[dict[str, np.ndarray]]:
+        """Objects present (restricted to ``labels`` when given), each with its pixel mask."""
+        return [{o: m for o, m in v.objects.items() if labels is None or o in labels} for v in oracle.inspect_batch(images)]
+
+    def present(self, images, names) -> list[bool]:
+        return [v.present(name) for v, name in zip(oracle.inspect_batch(images), names)]
 
     def evaluate(self, images, items) -> list[dict]:
         """images: uint8 (B, 32, 32, 3). Columns: objects present, background, attribute, and
