@@ -51,7 +51,7 @@ def generation_job(cfg: DictConfig, out_dir: Path) -> None:
             print("negstudy: negative concept still present: " + ", ".join(f"{k} {v:.0%}" for k, v in rate.items()))
 
 
-STUDIES = ("critical_step", "reverse_activation", "mechanisms", "attention_maps")
+STUDIES = ("critical_step", "reverse_activation", "mechanisms", "attention_maps", "removal")
 
 
 def study_job(cfg: DictConfig, out_dir: Path) -> None:
@@ -64,13 +64,19 @@ def study_job(cfg: DictConfig, out_dir: Path) -> None:
     from negstudy.records import write_text
     from negstudy.tracking import Tracker
 
-    if generate.model_world(cfg.model) != "shapes":
+    world = generate.model_world(cfg.model)
+    extra = {}
+    if cfg.sweep.name == "removal":  # any model; the evaluator is built (and checked) before the model loads
+        from negstudy.evaluators import make_evaluator
+
+        extra = {"evaluator": make_evaluator(cfg.evaluator, world), "world": world}
+    elif world != "shapes":
         raise ConfigError(f"sweep.name={cfg.sweep.name!r} reads images with the shapes oracle; model.path={cfg.model.path!r} "
                           "is not a shapes-world model (use model=shapes)")
     write_text(OmegaConf.to_yaml(cfg, resolve=True), out_dir / "config.yaml")
     with Tracker(cfg, out_dir, "generate") as tracker:
         sampler = generate.build_sampler(cfg)
-        tables = importlib.import_module(f"negstudy.studies.{cfg.sweep.name}").run(cfg, sampler, out_dir)
+        tables = importlib.import_module(f"negstudy.studies.{cfg.sweep.name}").run(cfg, sampler, out_dir, **extra)
         page = report.build(out_dir, cfg.sweep.variant)
         print(f"negstudy: report -> {page}")
         for line in report.summary_lines(out_dir):
@@ -80,6 +86,12 @@ def study_job(cfg: DictConfig, out_dir: Path) -> None:
             curves = (ratio[ratio.variant == cfg.sweep.variant].groupby(["step", "category"]).ratio.mean()
                       .unstack("category").add_prefix("ratio/").reset_index())
             tracker.curves(curves, "step", [c for c in curves if c != "step"])
+        heat = tables.get("heatmaps")
+        if heat is not None and not heat.empty:
+            tracker.image_table("attention_heatmaps", heat, ["heat"])
+        strips = sorted(out_dir.glob("strips/*.png")) + sorted(out_dir.glob("triples/*.png"))
+        if strips:
+            tracker.image_table("image_strips", pd.DataFrame({"file": [p.name for p in strips], "image": strips}), ["image"])
         for csv in sorted((out_dir / "report").glob("*.csv")):
             tracker.table(csv.stem, pd.read_csv(csv))
         tracker.images("figures", sorted((out_dir / "report").glob("*.png")) + sorted(out_dir.glob("*.png"))

@@ -24,7 +24,7 @@ SCHEDULERS = ("default", "pndm", "ddim", "euler", "dpmpp")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 RECORDABLE = ("eps", "latents")
-SWEEPS = ("single", "critical_step", "reverse_activation", "mechanisms", "attention_maps")
+SWEEPS = ("single", "critical_step", "reverse_activation", "mechanisms", "attention_maps", "removal")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUILTIN_PREFIX = "builtin:"
 
@@ -52,8 +52,12 @@ class PromptPair:
 class DatasetConfig:
     name: str = MISSING
     pairs: list[PromptPair] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)  # prompts without a negative (the removal sweep)
     path: Optional[str] = None  # a CSV / JSONL / TXT file of pairs, instead of `pairs`
+    format: Optional[str] = None  # null: `path` holds pairs; a caption format (negstudy.captions) for the removal sweep
     limit: Optional[int] = None
+    shard: int = 0  # this job takes items shard, shard + shards, ... (after limit): a multirun axis
+    shards: int = 1
 
 
 @dataclass
@@ -104,6 +108,7 @@ class JudgeConfig(EvaluatorConfig):
     max_retries: int = 4  # on 429 / 5xx / timeouts, with exponential backoff
     timeout_s: float = 60.0
     image_detail: str = "low"  # low | high | auto (OpenAI's image detail)
+    temperature: Optional[float] = 0.0  # null = the endpoint's default (reasoning models accept no other)
     price_input_per_mtok: float = 2.5  # USD per million tokens, for the cost column
     price_output_per_mtok: float = 10.0
 
@@ -151,6 +156,23 @@ class SweepConfig:
 
 
 @dataclass
+class RemovalConfig:
+    """The removal sweep (negstudy.studies.removal, PAPER.md section 6). Step values are UNet-call
+    indices of a loop of ``window_of`` calls, scaled as fractions to the model's loop."""
+
+    window: list[int] = field(default_factory=lambda: [5, 15])  # the paper's fixed window, inclusive
+    window_of: int = 31  # the loop length the step values above refer to (SD's PNDM, 30 steps)
+    fallback_start: int = 6  # adaptive start when attention never reaches the region (the author's code: 6)
+    length: int = 5  # steps of the adaptive method's first window
+    extend: int = 5  # steps added to its end per regeneration
+    max_regenerations: int = 4  # bounded: at most 1 + this many adaptive images per object
+    hit_lift: float = 2.0  # attention reaches the region: mass there >= hit_lift x the region's share
+    max_objects: int = 3  # objects removed per original image
+    drop: list[str] = field(default_factory=lambda: ["person"])  # labels never targeted (the paper drops people)
+    labels: Optional[str] = None  # label set objects are found among; null: shapes on the shapes world, else coco
+
+
+@dataclass
 class NegstudyConfig:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
@@ -168,6 +190,7 @@ class NegstudyConfig:
     three_branches: bool = False  # compute eps_pos, eps_neg and eps_empty at every step
     record: list[str] = field(default_factory=list)  # per-step tensors the job keeps: eps, latents
     save_images: bool = True
+    removal: RemovalConfig = field(default_factory=RemovalConfig)
     mechanisms: Any = None  # settings of the mechanisms study (negstudy.studies.mechanisms): thetas, draws, ...
 
 
@@ -247,7 +270,11 @@ def validate(cfg: DictConfig) -> None:
     resolve_model_path(cfg.model.path)
     if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
         raise ConfigError(f"dataset.limit={cfg.dataset.limit}: must be >= 1 or null")
-    pairs_of(cfg.dataset)
+    if not 0 <= cfg.dataset.shard < cfg.dataset.shards:
+        raise ConfigError(f"dataset.shard={cfg.dataset.shard}: must be in 0..dataset.shards-1 (dataset.shards={cfg.dataset.shards})")
+    if not pairs_of(cfg.dataset):
+        raise ConfigError(f"dataset.shard={cfg.dataset.shard}: this shard of {cfg.dataset.shards} is empty (dataset {cfg.dataset.name!r} "
+                          "has fewer items than shards)")
     _allowed("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
     _allowed("logger.name", cfg.logger.name, ("none", "wandb"))
     from negstudy.tracking import check as check_tracking
@@ -259,7 +286,29 @@ def validate(cfg: DictConfig) -> None:
     for key in ("stride", "screen_seeds", "max_seeds"):
         if cfg.sweep[key] < 1:
             raise ConfigError(f"sweep.{key}={cfg.sweep[key]}: must be >= 1")
-    schedule_from_config(cfg.schedule).plan(_n_calls_for(cfg))
+    n = _n_calls_for(cfg)
+    schedule_from_config(cfg.schedule).plan(n)
+    if cfg.sweep.name == "removal":
+        _validate_removal(cfg.removal)
+    from negstudy.evaluators import check_evaluator
+
+    check_evaluator(cfg.evaluator)
+
+
+def _validate_removal(r) -> None:
+    if len(r.window) != 2 or not 0 <= r.window[0] <= r.window[1] < r.window_of:
+        raise ConfigError(f"removal.window={list(r.window)}: give [start, end] with 0 <= start <= end < removal.window_of={r.window_of}")
+    if not 0 <= r.fallback_start < r.window_of:
+        raise ConfigError(f"removal.fallback_start={r.fallback_start}: must be in 0..{r.window_of - 1}")
+    for key in ("length", "extend", "max_objects"):
+        if r[key] < 1:
+            raise ConfigError(f"removal.{key}={r[key]}: must be >= 1")
+    if r.max_regenerations < 0:
+        raise ConfigError(f"removal.max_regenerations={r.max_regenerations}: must be >= 0")
+    if r.labels is not None:
+        from negstudy.labels import label_set
+
+        label_set(r.labels, "removal.labels")
 
 
 def schedule_from_config(node: DictConfig):

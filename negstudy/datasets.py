@@ -61,11 +61,34 @@ def read_pairs(path: str | Path) -> list[Pair]:
     return _check(pairs, key)
 
 
+def captions_of(dataset_cfg) -> list[str]:
+    """Captions for the removal sweep: a caption file when ``dataset.format`` names one (Conceptual
+    Captions, MSVD, VATEX, Places365, NoCaps, COCO-object scenes, TXT: see :mod:`negstudy.captions`),
+    else the distinct prompts of the dataset's pairs; cut to ``dataset.limit``."""
+    if dataset_cfg.get("format"):
+        if not dataset_cfg.get("path"):
+            raise ConfigError(f"dataset.format={dataset_cfg.format!r} needs dataset.path=<file>")
+        from negstudy.captions import read_captions
+
+        return _shard(read_captions(dataset_cfg.path, dataset_cfg.format, limit=dataset_cfg.limit), dataset_cfg)
+    if dataset_cfg.get("captions"):
+        return _shard([str(c) for c in dataset_cfg.captions][: dataset_cfg.limit], dataset_cfg)
+    return list(dict.fromkeys(p.prompt for p in pairs_of(dataset_cfg)))
+
+
 def pairs_of(dataset_cfg) -> list[Pair]:
     """The dataset's pairs (file or inline), cut to ``dataset.limit``."""
+    if dataset_cfg.get("format") or (dataset_cfg.get("captions") and not dataset_cfg.get("pairs")):
+        return [Pair(c, "", "object") for c in captions_of(dataset_cfg)]  # captions: prompts without a negative
     if dataset_cfg.get("path"):
         pairs = read_pairs(dataset_cfg.path)
     else:
         pairs = _check([Pair(str(p.prompt), str(p.negative), str(p.category)) for p in dataset_cfg.pairs],
                        "dataset.pairs", f" (dataset {dataset_cfg.name!r})")
-    return pairs[: dataset_cfg.limit]
+    return _shard(pairs[: dataset_cfg.limit], dataset_cfg)
+
+
+def _shard(items: list, dataset_cfg) -> list:
+    """Items ``shard, shard + shards, ...``: the prompt-set shard of one multirun job."""
+    shard, shards = dataset_cfg.get("shard", 0), dataset_cfg.get("shards", 1)
+    return items[shard::shards]

@@ -126,7 +126,8 @@ def attention_grid_for(sampler, prompt: str, negative: str, seed: int, window: i
     ``threshold`` is the hit (:func:`negstudy.critical.first_hit_step` on the window masses).
     positive_word: the positive-branch row (default: the first object the prompt names, else its
     last word). Returns the figure and a table window, first_step, last_step, branch, word,
-    mass_in_region, hit (NaN masses when the object does not appear without the negative).
+    mass_in_region, hit (NaN masses when the object does not appear without the negative), heat (the
+    window-mean map, float32 (h, w): not written to parquet; W&B shows it in a table).
     """
     if positive_word is None:
         named = world.parse_caption(prompt).objects
@@ -144,7 +145,7 @@ def attention_grid_for(sampler, prompt: str, negative: str, seed: int, window: i
         for k, mean in enumerate(window_means(maps, windows)):
             mass = mass_in_mask(mean, region) if region is not None else float("nan")
             rows.append({"window": k, "first_step": windows[k][0], "last_step": windows[k][1], "branch": branch,
-                         "word": word, "mass_in_region": mass})
+                         "word": word, "mass_in_region": mass, "heat": mean.astype(np.float32)})
     table = pd.DataFrame(rows)
     neg = table[table.branch == "negative"].sort_values("window")
     hit = first_hit_step(neg.mass_in_region.to_numpy(), threshold)

@@ -103,6 +103,114 @@ def reverse_activation(reverse: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+METHOD_NAMES = {"from0": "negative from step 0", "window": "fixed window", "adaptive": "adaptive window"}
+
+
+def _ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """mean(num) / mean(den) with a paired percentile bootstrap over objects (95 %)."""
+    if len(num) == 0 or den.mean() == 0:
+        return (float("nan"),) * 3
+    idx = np.random.default_rng(seed).integers(0, len(num), size=(n_boot, len(num)))
+    with np.errstate(all="ignore"):
+        boots = num[idx].mean(1) / den[idx].mean(1)
+    lo, hi = np.nanpercentile(boots, [2.5, 97.5])
+    return float(num.mean() / den.mean()), float(lo), float(hi)
+
+
+def _mean_ci(values: np.ndarray) -> tuple[float, float, float]:
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return (float("nan"),) * 3
+    mean, lo, hi = bootstrap_ci(values[:, None])
+    return float(mean[0]), float(lo[0]), float(hi[0])
+
+
+def removal_methods(targets: pd.DataFrame) -> pd.DataFrame:
+    """The paper's removal table, per dataset and method: removal rate (Wilson 95 % CI), the rate
+    relative to from-0 (paired bootstrap over objects), how often the judge (or PSNR outside the
+    object) prefers the method's image to from-0's as closer to the original, PSNR / SSIM outside
+    the object (bootstrap CIs), regenerations used, and how often the critical step came from attention."""
+    rows = []
+    for dataset, d in targets.groupby("dataset"):
+        judged = d.pivot_table(index=["job", "caption", "seed", "object"], columns="method", values="removed", aggfunc="first")
+        judged = judged.dropna().astype(float)  # objects with a verdict for every method
+        for method in [m for m in METHOD_NAMES if m in d.method.unique()]:
+            g = d[d.method == method]
+            removed = judged[method].to_numpy() if method in judged else np.array([])
+            rate, lo, hi = wilson(int(removed.sum()), len(removed))
+            ratio, rlo, rhi = _ratio_ci(removed, judged["from0"].to_numpy()) if method != "from0" and "from0" in judged else (1.0, 1.0, 1.0)
+            row = {"dataset": dataset, "method": METHOD_NAMES[method], "objects": len(removed), "removed": rate,
+                   "ci_low": lo, "ci_high": hi, "vs_from0": ratio, "vs_from0_low": rlo, "vs_from0_high": rhi}
+            prefs = g.prefers_over_from0.dropna().astype(bool) if "prefers_over_from0" in g else pd.Series(dtype=bool)
+            if method != "from0" and len(prefs):
+                p, plo, phi = wilson(int(prefs.sum()), len(prefs))
+                row.update(preferred=p, preferred_low=plo, preferred_high=phi, preference_by=g.preference_source.iloc[0])
+            for metric in ("psnr_out", "ssim_out"):
+                if metric in g:
+                    m, mlo, mhi = _mean_ci(g[metric].to_numpy(dtype=float))
+                    row.update({metric: m, f"{metric}_low": mlo, f"{metric}_high": mhi})
+            row["regenerations"] = float(g.regenerations.mean())
+            row["start_mean"] = float(g.start.mean())
+            if method == "adaptive":
+                row["critical_from_attention"] = float((g.critical_source == "attention").mean())
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _figure_methods(table: pd.DataFrame):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(table.dataset.unique())
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / max(1, len(datasets))
+    for i, dataset in enumerate(datasets):
+        g = table[table.dataset == dataset]
+        x = np.arange(len(g)) + i * width
+        axes[0].bar(x, g.removed, width, yerr=np.clip([g.removed - g.ci_low, g.ci_high - g.removed], 0, None), capsize=3, label=dataset)
+        if "psnr_out" in g:
+            axes[1].bar(x, g.psnr_out, width, yerr=np.clip([g.psnr_out - g.psnr_out_low, g.psnr_out_high - g.psnr_out], 0, None),
+                        capsize=3, label=dataset)
+    for ax, ylabel in zip(axes, ("object removed", "PSNR outside the object (dB)")):
+        labels = table[table.dataset == datasets[0]].method
+        ax.set_xticks(np.arange(len(labels)) + width * (len(datasets) - 1) / 2, labels, rotation=10)
+        ax.set_ylabel(ylabel)
+    axes[0].set_ylim(0, 1.02)
+    axes[0].set_title("Removal rate (95 % Wilson CI)")
+    axes[1].set_title("Background kept (95 % bootstrap CI)")
+    if len(datasets) > 1:
+        axes[0].legend(loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def _figure_examples(root: Path, targets: pd.DataFrame, n: int = 8):
+    """Original / from-0 / window / adaptive strips of objects the adaptive window removed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from negstudy.studies.removal import strip_name
+
+    done = targets[(targets.method == "adaptive") & (targets.removed == True)]  # noqa: E712 (nullable column)
+    strips = [root / r.job / "triples" / strip_name(r.caption, r.prompt, r.seed, r.object) for r in done.itertuples()]
+    strips = [p for p in strips if p.exists()][:n]
+    if not strips:
+        return None
+    fig, axes = plt.subplots(len(strips), 1, figsize=(6, 1.6 * len(strips)), squeeze=False)
+    for ax, path in zip(axes[:, 0], strips):
+        ax.imshow(np.asarray(Image.open(path)), interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(path.stem, fontsize=7)
+    fig.suptitle("original | negative from 0 | fixed window | adaptive window", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def _figure_ratio(ratio: pd.DataFrame, crit: pd.DataFrame, variant: str):
     import matplotlib
 
@@ -172,9 +280,12 @@ def build(root: str | Path, variant: str = DEFAULT_VARIANT) -> Path:
     root = Path(root)
     ratio, removal, attention = _read(root, "ratio"), _read(root, "removal"), _read(root, "attention")
     reverse = _read(root, "reverse")
-    study_figures = sorted(root.glob("*.png")) + sorted(root.glob("grids/*.png"))  # figures a study drew itself
-    if ratio.empty and removal.empty and reverse.empty and not study_figures:
-        raise FileNotFoundError(f"{root}: no ratio.parquet, removal.parquet or reverse.parquet below it: is it a negstudy run directory?")
+    targets = _read(root, "removal_targets")
+    jobs = sorted({p.parent for p in root.rglob("config.yaml") if not {"report", ".hydra"} & set(p.relative_to(root).parts)})
+    study_figures = [f for job in jobs for f in sorted(job.glob("*.png")) + sorted(job.glob("grids/*.png"))]  # drawn by studies
+    if ratio.empty and removal.empty and reverse.empty and targets.empty and not study_figures:
+        raise FileNotFoundError(f"{root}: no ratio.parquet, removal.parquet, reverse.parquet or removal_targets.parquet "
+                                "below it: is it a negstudy run directory?")
     out = root / "report"
     out.mkdir(exist_ok=True)
     sections, figures = [], {}
@@ -195,8 +306,17 @@ def build(root: str | Path, variant: str = DEFAULT_VARIANT) -> Path:
         figures["reverse"] = _png(_figure_rates(rev, "k", "appears", "k: the negative in steps 0..k-1 only",
                                                 "object appears", "Reverse activation"), out / "reverse_activation.png")
         sections.append(("Reverse activation", rev))
+    if not targets.empty:
+        methods = removal_methods(targets)
+        write_table(methods, out / "removal_methods.parquet")
+        methods.to_csv(out / "removal_methods.csv", index=False)
+        figures["removal_methods"] = _png(_figure_methods(methods), out / "removal_methods.png")
+        examples = _figure_examples(root, targets)
+        if examples is not None:
+            figures["removal_examples"] = _png(examples, out / "removal_examples.png")
+        sections.append(("Object removal: negative from step 0, fixed window, adaptive window", methods))
     for png in study_figures:
-        figures[png.stem] = base64.b64encode(png.read_bytes()).decode()
+        figures[str(png.relative_to(root).with_suffix(""))] = base64.b64encode(png.read_bytes()).decode()
     md = ["# negstudy report", "", f"Run: `{root}`. Ratio variant: `{variant}`. Rules: object = peak of the mean ratio curve; "
           "attribute = first step from which it stays >= 1; attention = first step at which the negative word's map puts "
           f"{HIT_LIFT:g}x a uniform map's mass on the concept's region; 95 % bootstrap CIs over seeds; removal rates over seeds where "
@@ -221,6 +341,18 @@ def _step(x) -> str:
 def summary_lines(root: str | Path) -> list[str]:
     """One line per category: the critical step with its CI, and where attention finds the concept."""
     lines = []
+    methods_path = Path(root) / "report" / "removal_methods.parquet"
+    if methods_path.exists():
+        for row in pd.read_parquet(methods_path).itertuples():
+            line = (f"removal, {row.dataset}, {row.method}: {row.removed:.0%} (95 % CI {row.ci_low:.0%}..{row.ci_high:.0%}, "
+                    f"{row.objects} objects)")
+            if row.method != METHOD_NAMES["from0"]:
+                line += f", {row.vs_from0:.0%} of from-0's rate"
+                if pd.notna(getattr(row, "preferred", np.nan)):
+                    line += f", preferred to from-0 in {row.preferred:.0%} ({row.preference_by})"
+            if pd.notna(getattr(row, "psnr_out", np.nan)):
+                line += f", PSNR outside {row.psnr_out:.1f} dB"
+            lines.append(line)
     rev_path = Path(root) / "report" / "reverse_activation.csv"
     if rev_path.exists():
         rev = pd.read_csv(rev_path)

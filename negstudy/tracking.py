@@ -13,6 +13,7 @@ import netrc
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
@@ -51,6 +52,9 @@ def public_config(cfg: DictConfig) -> dict:
     return clean(OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True))
 
 
+_USER_ENV = frozenset(k for k in os.environ if k.startswith("WANDB_"))
+
+
 class Tracker:
     """A W&B run for one job, or nothing (``logger=none``); use as a context manager."""
 
@@ -70,6 +74,10 @@ class Tracker:
                 sweep_dir = hc.sweep.dir if hc.mode.name == "MULTIRUN" else hc.run.dir
             except ValueError:  # not under Hydra
                 sweep_dir = str(out_dir)
+        # Artifact staging (tables with images are logged as artifacts too) under the job's own
+        # wandb/ directory, so an offline run is self-contained for `wandb sync`.
+        if "WANDB_DATA_DIR" not in _USER_ENV:
+            os.environ["WANDB_DATA_DIR"] = str(Path(out_dir) / "wandb" / "data")
         self.run = wandb.init(
             project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode, dir=str(out_dir),
             group=f"{cfg.sweep.name}:{sweep_dir}", job_type=job_type, config=public_config(cfg),
@@ -98,6 +106,28 @@ class Tracker:
             import wandb
 
             self.run.log({name: wandb.Table(dataframe=frame.reset_index(drop=True))})
+
+    def image_table(self, name: str, frame: pd.DataFrame, image_columns: list[str]) -> None:
+        """A wandb.Table whose ``image_columns`` hold images: a path (PNG on disk), a uint8 (H, W, 3)
+        image, or a float (h, w) heat map (drawn with viridis, scaled to its own maximum)."""
+        if self.run is None or frame.empty:
+            return
+        import wandb
+        from matplotlib import colormaps
+
+        def cell(value):
+            if isinstance(value, (str, Path)):
+                return wandb.Image(str(value))
+            a = np.asarray(value)
+            if a.ndim == 2:
+                a = np.nan_to_num(a.astype(np.float64))
+                a = (colormaps["viridis"](a / a.max() if a.max() > 0 else a)[..., :3] * 255).astype(np.uint8)
+            return wandb.Image(a)
+
+        columns = list(frame.columns)
+        data = [[cell(v) if c in image_columns else (v.item() if isinstance(v, np.generic) else v) for c, v in zip(columns, row)]
+                for row in frame.itertuples(index=False)]
+        self.run.log({name: wandb.Table(columns=columns, data=data)})
 
     def images(self, name: str, paths: list[Path]) -> None:
         if self.run is not None and paths:

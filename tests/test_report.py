@@ -1,5 +1,6 @@
 """The report on synthetic tables whose critical steps are known, and the main job end to end."""
 
+import json
 import subprocess
 import sys
 
@@ -85,40 +86,47 @@ def test_html_report_renders_in_chromium(tmp_path):
 
 def test_report_cli_rejects_a_directory_without_results(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "negstudy.report", str(tmp_path)], capture_output=True, text=True)
-    assert proc.returncode == 2 and "no ratio.parquet, removal.parquet or reverse.parquet" in proc.stderr
+    assert proc.returncode == 2 and "no ratio.parquet, removal.parquet, reverse.parquet or removal_targets.parquet" in proc.stderr
 
 
 def test_main_job_end_to_end_on_the_shipped_model(tmp_path):
-    """`+sweep=critical_step` on tiny settings: tables, report and the printed critical steps."""
+    """`+sweep=critical_step` on tiny settings: a multirun over the overlay's two prompt shards, each
+    job's tables and report, the pooled report and the printed critical steps, W&B runs per job."""
     out = tmp_path / "crit"
     pairs = '[{prompt:"a ball on the grass",negative:sun,category:object},{prompt:"a box in the sky",negative:dark,category:attribute}]'
     proc = subprocess.run(
         [sys.executable, "-m", "negstudy", "+sweep=critical_step", "steps=5", "sweep.screen_seeds=2", "sweep.max_seeds=1",
-         "sweep.min_seeds=1", "sweep.stride=2", f"dataset.pairs={pairs}", f"hydra.run.dir={out}"],
-        capture_output=True, text=True, timeout=600,
+         "sweep.min_seeds=1", "sweep.stride=2", f"dataset.pairs={pairs}", f"hydra.sweep.dir={out}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"report -> {out / 'report' / 'report.html'}" in proc.stdout
-    assert "critical step, object negatives:" in proc.stdout and "critical step, attribute negatives:" in proc.stdout
-    ratio = pd.read_parquet(out / "ratio.parquet")
+    assert f"sweep report -> {out / 'report' / 'report.html'}" in proc.stdout
+    pooled = proc.stdout[proc.stdout.index("sweep report ->"):]
+    assert "critical step, object negatives:" in pooled and "critical step, attribute negatives:" in pooled
+    ratio = pd.concat([pd.read_parquet(out / job / "ratio.parquet") for job in ("0", "1")])
+    assert set(pd.read_parquet(out / "0" / "ratio.parquet").category) == {"object"}  # shard 0: the first pair
     assert set(ratio.category) == {"object", "attribute"} and ratio.step.max() == 5  # PNDM: 6 calls
     assert set(ratio.variant) == {"all_tokens", "word_tokens"} and (ratio.ratio > 0).all()
-    removal = pd.read_parquet(out / "removal.parquet")
+    removal = pd.read_parquet(out / "0" / "removal.parquet")
     assert sorted(removal.start_step.unique()) == [0, 2, 4, 6]  # k = 6: never
     assert (out / "report" / "ratio_curves.png").stat().st_size > 5000
+    crit = pd.read_csv(out / "report" / "critical_steps.csv")
+    assert set(crit[crit.level == "category"].category) == {"object", "attribute"}
     from negstudy.tracking import read_offline_run  # W&B offline is the default logger
 
-    run = read_offline_run(next((out / "wandb").glob("offline-run-*")))
-    assert "critical_step/object" in run["summary"] and run["group"].startswith("critical_step:")
+    run = read_offline_run(next((out / "0" / "wandb").glob("offline-run-*")))
+    assert "critical_step/object" in run["summary"] and run["group"] == f"critical_step:{out}"
     assert [row["step"] for row in run["history"] if "ratio/object" in row] == list(range(6))
+    strips = [row for row in run["history"] if row.get("image_strips/_type") == "table-file"]
+    assert strips and strips[0]["image_strips/nrows"] == 1  # one (pair, seed) strip in shard 0
 
 
 def test_multirun_ends_with_one_report_over_all_jobs(tmp_path):
-    """A real Hydra multirun (two prompt shards) and the callback's pooled report."""
+    """A real Hydra multirun (the overlay's two prompt shards x a command-line axis) and the pooled report."""
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "negstudy", "-m", "+sweep=reverse_activation", "steps=4", "sweep.screen_seeds=2",
-         "sweep.max_seeds=1", "sweep.stride=2", "dataset.limit=1,2", "save_images=false", "logger=wandb",
+        [sys.executable, "-m", "negstudy", "+sweep=reverse_activation", "steps=4", "sweep.screen_seeds=2",
+         "sweep.max_seeds=1", "sweep.stride=2", "dataset.limit=2", "save_images=false", "logger=wandb",
          f"hydra.sweep.dir={sweep}"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
@@ -126,6 +134,8 @@ def test_multirun_ends_with_one_report_over_all_jobs(tmp_path):
     assert f"sweep report -> {sweep / 'report' / 'report.html'}" in proc.stdout
     jobs = sorted(p.parent.name for p in sweep.glob("*/reverse.parquet"))
     assert jobs == ["0", "1"]
+    negatives = [set(pd.read_parquet(sweep / j / "reverse.parquet").negative) for j in jobs]
+    assert len(negatives[0] | negatives[1]) == 2 and not negatives[0] & negatives[1]  # disjoint shards of 2 pairs
     pooled = pd.read_csv(sweep / "report" / "reverse_activation.csv")
     per_job = sum(len(pd.read_parquet(sweep / j / "reverse.parquet")) for j in jobs)
     assert pooled.n.sum() == per_job and sorted(pooled.k) == [0, 2, 4, 5]
@@ -138,11 +148,25 @@ def test_multirun_ends_with_one_report_over_all_jobs(tmp_path):
 
 def test_attention_maps_sweep_writes_grids(tmp_path):
     out = tmp_path / "am"
+    # hydra.mode=RUN dataset.shards=1: the sweep as one in-process job instead of the overlay's multirun
     proc = subprocess.run([sys.executable, "-m", "negstudy", "+sweep=attention_maps", "steps=9", "seeds=[0]", "dataset.limit=1",
-                           "logger=none", f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                           "hydra.mode=RUN", "dataset.shards=1", f"hydra.run.dir={out}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     grids = list((out / "grids").glob("*.png"))
     assert len(grids) == 1 and grids[0].stat().st_size > 5000
     windows = pd.read_parquet(out / "attention_windows.parquet")
     assert sorted(windows.first_step.unique()) == [0, 5] and set(windows.branch) == {"positive", "negative"}  # 10 calls
     assert "data:image/png;base64," in (out / "report" / "report.html").read_text()
+    from negstudy.tracking import read_offline_run
+
+    run = read_offline_run(next((out / "wandb").glob("offline-run-*")))
+    heat = [row for row in run["history"] if row.get("attention_heatmaps/_type") == "table-file"]
+    assert heat and heat[0]["attention_heatmaps/nrows"] == len(windows)  # one heat-map image per window and branch
+    staged = []  # the table's artifact copy (with its images), staged inside the job directory
+    for path in (out / "wandb" / "data").rglob("*"):
+        if path.is_file() and path.read_bytes()[:1] == b"{":
+            staged.append(json.loads(path.read_text()))
+    table = next(t for t in staged if t.get("_type") == "table" and "heat" in t["columns"])
+    column = table["columns"].index("heat")
+    assert len(table["data"]) == len(windows) and all(row[column]["_type"] == "image-file" for row in table["data"])

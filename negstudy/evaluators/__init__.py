@@ -50,6 +50,17 @@ class NoEvaluator:
         return [None for _ in images]
 
 
+def check_evaluator(cfg_evaluator) -> None:
+    """Name and settings checks that need no model or network (run by ``negstudy.config.validate``)."""
+    name = cfg_evaluator.name
+    if name not in EVALUATORS:
+        raise ConfigError(f"evaluator.name={name!r}: allowed values are {', '.join(EVALUATORS)}")
+    if "labels" in cfg_evaluator:
+        from negstudy.labels import label_set
+
+        label_set(cfg_evaluator.labels)
+
+
 def make_evaluator(cfg_evaluator, model_world: str | None) -> Evaluator:
     name = cfg_evaluator.name
     if name == "none":

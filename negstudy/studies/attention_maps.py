@@ -34,5 +34,5 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
         figures.save(fig, out_dir / "grids" / f"{i:02d}_{slug(pair.prompt)}_neg-{slug(pair.negative, 20)}_s{seed}.png")
         tables.append(table.assign(pair=i, prompt=pair.prompt, negative=pair.negative, seed=seed))
     frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    write_table(frame, out_dir / "attention_windows.parquet")
-    return {"attention_windows": frame}
+    write_table(frame.drop(columns="heat", errors="ignore"), out_dir / "attention_windows.parquet")
+    return {"attention_windows": frame.drop(columns="heat", errors="ignore"), "heatmaps": frame}

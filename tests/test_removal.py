@@ -1,0 +1,100 @@
+"""The removal sweep (negstudy.studies.removal) end to end on the shipped model, and its parts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from negstudy.shapes import oracle, world
+from negstudy.studies.removal import critical_step, named_in, scale, strip_name
+
+
+def test_named_in_matches_whole_words_and_plurals():
+    assert named_in("a ball on the grass", "ball") and named_in("two Balls at night", "ball")
+    assert not named_in("a ballroom at night", "ball") and named_in("a sports ball", "sports ball")
+    assert named_in("three boxes", "box")
+
+
+def test_scale_maps_the_papers_window_onto_other_loops():
+    assert (scale(5, 31, 31), scale(15, 31, 31)) == (5, 15)
+    assert (scale(5, 31, 11), scale(15, 31, 11)) == (1, 5)
+    assert scale(30, 31, 62) == 60
+
+
+def test_critical_step_is_the_first_step_where_attention_concentrates_on_the_region():
+    mask = np.zeros((8, 8), bool)
+    mask[:2, :2] = True  # 1/16 of the image
+    maps = np.ones((6, 8, 8))
+    maps[3][mask] = 5.0  # mass inside: 20/80 = 0.25 = 4x the share
+    assert critical_step(maps, mask, hit_lift=2.0) == 3
+    assert critical_step(maps, mask, hit_lift=5.0) is None
+    assert critical_step(maps, None, hit_lift=2.0) is None
+    maps[1] = np.nan  # a step whose branch was not computed never counts
+    assert critical_step(maps, mask, hit_lift=2.0) == 3
+
+
+@pytest.fixture(scope="module")
+def removal_sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("removal")
+    out = root / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "negstudy", "+sweep=removal", "steps=10", "seeds=[0,1,2]", "dataset.limit=4", "logger=none",
+         "removal.max_regenerations=2", f"hydra.sweep.dir={out}"],
+        capture_output=True, text=True, timeout=600, cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_removal_sweep_runs_every_method_on_every_unnamed_object(removal_sweep):
+    out, stdout = removal_sweep
+    originals = pd.concat([pd.read_parquet(p) for p in sorted(out.glob("*/originals.parquet"))])
+    assert len(originals) == 4 * 3 and originals.judged.all()  # 4 captions x 3 seeds over the two shards
+    for row in originals.itertuples():
+        named = set(world.parse_caption(row.prompt).objects)
+        targets = set(filter(None, row.targets.split(",")))
+        assert targets == set(filter(None, row.objects.split(","))) - named
+    t = pd.concat([pd.read_parquet(p).assign(job=p.parent.name) for p in sorted(out.glob("*/removal_targets.parquet"))])
+    assert len(t) == 3 * originals.targets.str.split(",").map(lambda x: len([o for o in x if o])).sum()
+    n = 11  # PNDM, 10 steps: 11 UNet calls
+    by = {m: g.reset_index(drop=True) for m, g in t.groupby("method")}
+    assert (by["from0"].start == 0).all() and (by["from0"].end == n - 1).all()
+    assert (by["window"].start == 1).all() and (by["window"].end == 5).all()  # steps 5..15 of 31, scaled to 11 calls
+    a = by["adaptive"]
+    assert (a.start == a.critical_step).all() and a.regenerations.between(0, 2).all()
+    assert (a.end == np.minimum(n - 1, a.critical_step + 5 - 1 + 5 * a.regenerations)).all()
+    assert set(a.critical_source) <= {"attention", "fallback"}
+    assert (a[a.critical_source == "fallback"].critical_step == scale(6, 31, n)).all()
+    assert t.psnr_out.notna().all() and t.ssim_out.between(-1, 1).all()
+
+
+def test_removal_verdicts_match_the_saved_images(removal_sweep):
+    """Each method's 'removed' is the oracle's verdict on the image saved in the strip."""
+    out, _ = removal_sweep
+    t = pd.concat([pd.read_parquet(p).assign(job=p.parent.name) for p in sorted(out.glob("*/removal_targets.parquet"))])
+    columns = {"from0": 1, "window": 2, "adaptive": 3}
+    checked = 0
+    for row in t.itertuples():
+        strip = np.asarray(Image.open(out / row.job / "triples" / strip_name(row.caption, row.prompt, row.seed, row.object)))
+        image = strip[:, 32 * columns[row.method] : 32 * (columns[row.method] + 1)]
+        assert row.removed == (not oracle.inspect(image).present(row.object))
+        checked += 1
+    assert checked == len(t) > 0
+
+
+def test_removal_report_pools_the_shards(removal_sweep):
+    out, stdout = removal_sweep
+    table = pd.read_csv(out / "report" / "removal_methods.csv")
+    t = pd.concat([pd.read_parquet(p) for p in sorted(out.glob("*/removal_targets.parquet"))])
+    assert list(table.method) == ["negative from step 0", "fixed window", "adaptive window"]
+    assert (table.objects == len(t) // 3).all()
+    for row in table.itertuples():
+        rate = t[t.method == {"negative from step 0": "from0", "fixed window": "window", "adaptive window": "adaptive"}[row.method]].removed.mean()
+        assert row.removed == pytest.approx(rate) and row.ci_low <= row.removed <= row.ci_high
+    assert "sweep report ->" in stdout and "removal, shapes_removal, adaptive window:" in stdout
+    assert (out / "report" / "removal_methods.png").stat().st_size > 5000
