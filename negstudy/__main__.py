@@ -19,16 +19,26 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="pkg://negstudy.conf", config_name="config")
 def app(cfg: DictConfig) -> None:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    from negstudy import jobs
+
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode.name == "MULTIRUN"
     try:
         validate(cfg)  # before any model is loaded
-        if cfg.sweep.name in STUDIES:
-            study_job(cfg, out_dir)
-        else:
-            generation_job(cfg, out_dir)
+        body = (lambda: study_job(cfg, out_dir)) if cfg.sweep.name in STUDIES else (lambda: generation_job(cfg, out_dir))
+        outcome = jobs.run(cfg, out_dir, body, multirun=multirun)
     except ConfigError as err:
         print(f"negstudy: error: {err}", file=sys.stderr)
+        if multirun:  # one bad job of a grid must not stop the others; the summary lists it
+            jobs.record_failure(cfg, out_dir, f"ConfigError: {err}")
+            return "failed"
         sys.exit(2)
+    except Exception as err:  # noqa: BLE001 - one line here; the traceback is in negstudy.log and failed.json
+        print(f"negstudy: error: the job failed: {type(err).__name__}: {err} (traceback in {out_dir / 'negstudy.log'})",
+              file=sys.stderr)
+        sys.exit(1)
+    return outcome.status
 
 
 def generation_job(cfg: DictConfig, out_dir: Path) -> None:

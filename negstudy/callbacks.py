@@ -11,22 +11,42 @@ from omegaconf import DictConfig
 log = logging.getLogger("negstudy")
 
 
+def rerun_command(config: DictConfig) -> str:
+    """The command line of this sweep, pinned to its directory: with resume on, it runs only the
+    jobs that did not finish."""
+    import shlex
+
+    args = [a for a in config.hydra.overrides.task if not a.startswith("hydra.sweep.dir=")]
+    return " ".join(["python -m negstudy -m", *map(shlex.quote, args), shlex.quote(f"hydra.sweep.dir={config.hydra.sweep.dir}")])
+
+
 class ReportCallback(Callback):
     """After every job of a multirun, write one report over all of them into ``<sweep dir>/report/``
-    (the jobs' seeds and prompt shards are pooled; jobs that wrote no study tables are ignored)."""
+    (the jobs' seeds and prompt shards are pooled; jobs that wrote no study tables, failed or did
+    not finish are ignored), then the sweep summary (negstudy.jobs); exit status 1 if a job failed."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from negstudy import report
+        from negstudy import jobs, report
 
         root = Path(config.hydra.sweep.dir)
         try:
             page = report.build(root, config.sweep.variant)
         except FileNotFoundError:
-            return  # plain generation jobs: nothing to aggregate
-        print(f"negstudy: sweep report -> {page}")
-        for line in report.summary_lines(root):
-            print(f"negstudy: {line}")
-        self._track(config, root)
+            page = None  # plain generation jobs: nothing to aggregate
+        if page is not None:
+            print(f"negstudy: sweep report -> {page}")
+            for line in report.summary_lines(root):
+                print(f"negstudy: {line}")
+            self._track(config, root)
+        summary = jobs.summarize(root, rerun_command(config))
+        print(f"negstudy: sweep summary: {summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed "
+              f"-> {root / 'summary.md'}")
+        for job in summary["jobs"]:
+            if job["status"] == "failed":
+                print(f"negstudy:   job {job['job']} ({' '.join(job['overrides'])}): {job['cause']}")
+        if summary["failed"]:
+            print(f"negstudy: rerun only the failed jobs (finished ones are skipped): {summary['rerun']}")
+            raise SystemExit(1)
 
     @staticmethod
     def _track(config: DictConfig, root: Path) -> None:

@@ -130,9 +130,10 @@ class OwlConfig(EvaluatorConfig):
     name: str = "owl"
     path: str = "google/owlv2-base-patch16-ensemble"
     labels: str = "coco"
-    threshold: float = 0.3
+    threshold: float = 0.3  # a box counts when its best query's score (sigmoid) is above this
     batch_size: int = 4
     local_files_only: bool = False
+    device: str = "auto"  # auto = cuda > mps > cpu
 
 
 @dataclass
@@ -190,6 +191,8 @@ class NegstudyConfig:
     three_branches: bool = False  # compute eps_pos, eps_neg and eps_empty at every step
     record: list[str] = field(default_factory=list)  # per-step tensors the job keeps: eps, latents
     save_images: bool = True
+    resume: bool = True  # skip a job whose complete results exist (same config hash): negstudy.jobs
+    job_store: str = "outputs/.jobs"  # where finished jobs register (relative to the launch directory)
     removal: RemovalConfig = field(default_factory=RemovalConfig)
     mechanisms: Any = None  # settings of the mechanisms study (negstudy.studies.mechanisms): thetas, draws, ...
 

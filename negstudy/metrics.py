@@ -81,27 +81,27 @@ def background_scores_batch(references: np.ndarray, edited: np.ndarray, masks=No
     if references.shape != edited.shape or references.ndim != 4 or references.shape[-1] != 3:
         raise ValueError(f"references {references.shape} and edited {edited.shape}: expected two uint8 (N, H, W, 3) arrays")
     n, h, w, _ = references.shape
-    region = _masks(masks, n, h, w)
+    if masks is not None and len(masks) != n:
+        raise ValueError(f"{len(masks)} masks for {n} image pairs")
     sigma = ssim_sigma(h, w)
     dilate = default_dilate(h, w) if dilate is None else int(dilate)
     soften = default_soften(h, w) if soften is None else float(soften)
-
-    out = _dilate(region, dilate)  # excluded from psnr_out
-    out_ssim = _dilate(region, dilate + ssim_radius(sigma))  # ... and from ssim_out: whole windows outside
-    weight = (1.0 - torch.maximum(region, _blur(region, soften))).clamp(0.0, 1.0)
 
     rows = []
     chunk = max(1, PIXEL_BUDGET // (h * w))
     for start in range(0, n, chunk):
         sl = slice(start, start + chunk)
+        region = _masks(None if masks is None else masks[sl], len(references[sl]), h, w, first=start)
+        out = _dilate(region, dilate)  # excluded from psnr_out
+        out_ssim = _dilate(region, dilate + ssim_radius(sigma))  # ... and from ssim_out: whole windows outside
+        weight = (1.0 - torch.maximum(region, _blur(region, soften))).clamp(0.0, 1.0)
         ref, edt = _tensor(references[sl]), _tensor(edited[sl])
         _, ssim_map = structural_similarity_index_measure(edt, ref, sigma=sigma, data_range=255.0, reduction="none",
                                                           return_full_image=True)
         ssim_map = ssim_map.mean(1)  # (B, H, W): channels averaged, as torchmetrics' own score does
         sq_err = ((edt - ref) ** 2).mean(1)  # (B, H, W)
         for i in range(ref.shape[0]):
-            j = start + i
-            keep, keep_ssim, wt = ~out[j], ~out_ssim[j], weight[j]
+            keep, keep_ssim, wt = ~out[i], ~out_ssim[i], weight[i]
             rows.append({
                 "psnr": _psnr(edt[i], ref[i]),
                 "ssim": float(ssim_map[i].mean()),
@@ -119,8 +119,8 @@ def _tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32)
 
 
-def _masks(masks, n: int, h: int, w: int) -> torch.Tensor:
-    """float32 (N, H, W) of 0/1 from None, a bool array, or a list of masks / None."""
+def _masks(masks, n: int, h: int, w: int, first: int = 0) -> torch.Tensor:
+    """float32 (N, H, W) of 0/1 from None, a bool array, or a list of masks / None (pairs first, first + 1, ...)."""
     region = torch.zeros((n, h, w), dtype=torch.float32)
     if masks is None:
         return region
@@ -131,7 +131,7 @@ def _masks(masks, n: int, h: int, w: int) -> torch.Tensor:
             continue
         m = np.asarray(m)
         if m.shape != (h, w):
-            raise ValueError(f"mask {i} has shape {m.shape}, the images ({h}, {w})")
+            raise ValueError(f"mask {first + i} has shape {m.shape}, the images ({h}, {w})")
         region[i] = torch.from_numpy(m.astype(bool)).to(torch.float32)
     return region
 

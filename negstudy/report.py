@@ -34,8 +34,10 @@ HIT_LIFT = 2.0  # attention "reaches the region" once its mass there is twice wh
 def _read(root: Path, name: str) -> pd.DataFrame:
     frames = []
     for path in sorted(root.rglob(f"{name}.parquet")):
-        if "report" in path.parts:
+        if "report" in path.relative_to(root).parts:
             continue
+        if path.parent != root and ((path.parent / ".incomplete").exists() or (path.parent / "failed.json").exists()):
+            continue  # another job, killed or failed midway: its complete results or none (negstudy.jobs)
         frame = pd.read_parquet(path)
         if len(frame):  # a job can find nothing to measure (e.g. no seed showed the concept)
             frames.append(frame.assign(job=str(path.parent.relative_to(root))))
@@ -283,7 +285,8 @@ def build(root: str | Path, variant: str = DEFAULT_VARIANT) -> Path:
     targets = _read(root, "removal_targets")
     jobs = sorted({p.parent for p in root.rglob("config.yaml") if not {"report", ".hydra"} & set(p.relative_to(root).parts)})
     study_figures = [f for job in jobs for f in sorted(job.glob("*.png")) + sorted(job.glob("grids/*.png"))]  # drawn by studies
-    if ratio.empty and removal.empty and reverse.empty and targets.empty and not study_figures:
+    tables = ("ratio", "removal", "reverse", "removal_targets", "originals", "attention_windows")
+    if not any(next(root.rglob(f"{t}.parquet"), None) for t in tables) and not study_figures:
         raise FileNotFoundError(f"{root}: no ratio.parquet, removal.parquet, reverse.parquet or removal_targets.parquet "
                                 "below it: is it a negstudy run directory?")
     out = root / "report"
@@ -321,6 +324,8 @@ def build(root: str | Path, variant: str = DEFAULT_VARIANT) -> Path:
           "attribute = first step from which it stays >= 1; attention = first step at which the negative word's map puts "
           f"{HIT_LIFT:g}x a uniform map's mass on the concept's region; 95 % bootstrap CIs over seeds; removal rates over seeds where "
           "the concept appears without the negative, 95 % Wilson CIs.", ""]
+    if not sections and not figures:
+        md += ["Nothing to report: the jobs found nothing to measure (e.g. no seed showed the concept, no object to remove).", ""]
     for title, frame in sections:
         md += [f"## {title}", "", frame.to_markdown(index=False, floatfmt=".3g"), ""]
     write_text("\n".join(md), out / "report.md")

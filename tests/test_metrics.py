@@ -1,5 +1,6 @@
 """Background preservation metrics (negstudy.metrics) on synthetic pairs with known differences."""
 
+import itertools
 import logging
 import math
 
@@ -58,7 +59,7 @@ def test_noise_outside_lowers_every_score_monotonically(size):
     rows = [background_scores(image, with_noise(image, ~mask, a), mask) for a in (2, 8, 24, 64)]
     for key in ("psnr_out", "ssim_out", "psnr_weighted", "ssim_weighted", "psnr", "ssim"):
         values = [r[key] for r in rows]
-        assert all(a > b for a, b in zip(values, values[1:])), (key, values)
+        assert all(a > b for a, b in itertools.pairwise(values)), (key, values)
     assert rows[0]["ssim_out"] < 1.0 and np.isfinite(rows[0]["psnr_out"])
 
 

@@ -172,10 +172,14 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, evaluator: Eva
         part = targets[i : i + chunk]
         for m in ("window", "adaptive"):
             if closer is not None:
-                picks = closer(np.stack([t.original for t in part]), np.stack([t.images[m] for t in part]),
-                               np.stack([t.images["from0"] for t in part]))
-                for t, pick in zip(part, picks):
-                    t.rows[m]["prefers_over_from0"] = None if pick is None else pick == "a"
+                # judges favour a position: every other object shows from-0 first, so a position bias cancels
+                flip = [(i + k) % 2 == 1 for k in range(len(part))]
+                picks = closer(np.stack([t.original for t in part]),
+                               np.stack([t.images["from0" if f else m] for t, f in zip(part, flip)]),
+                               np.stack([t.images[m if f else "from0"] for t, f in zip(part, flip)]))
+                for t, pick, f in zip(part, picks, flip):
+                    t.rows[m]["prefers_over_from0"] = None if pick is None else pick == ("b" if f else "a")
+                    t.rows[m]["shown_first"] = "from0" if f else m
         for t in part:
             for m in METHODS:
                 t.rows[m].update(background_scores(t.original, t.images[m], t.mask))

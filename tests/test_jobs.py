@@ -1,0 +1,131 @@
+"""Cluster-scale sweeps: job identity, resume, failure isolation, the submitit launcher, fault drills."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from hydra import compose, initialize_config_module
+
+from negstudy import jobs
+from negstudy.config import register_configs
+
+# A removal sweep small enough for a test: two prompt shards (the overlay's grid), 4 captions, 3 seeds
+# (4 objects to remove, in both shards).
+SWEEP = [sys.executable, "-m", "negstudy", "+sweep=removal", "steps=10", "seeds=[0,1,2]", "dataset.limit=4", "logger=none"]
+
+
+def _cfg(*overrides):
+    register_configs()
+    with initialize_config_module(config_module="negstudy.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_job_identity_ignores_logger_batch_size_and_paths_but_not_the_science():
+    base = jobs.job_hash(_cfg())
+    assert jobs.job_hash(_cfg("logger=none", "batch_size=3", "job_store=/elsewhere", "resume=false")) == base
+    for change in ("seeds=[5]", "guidance_scale=5", "schedule=never", "steps=20", "dataset.shard=0", "evaluator=none"):
+        assert (jobs.job_hash(_cfg(change)) == base) == (change == "dataset.shard=0"), change
+
+
+def _run(args, cwd, **kw):
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=cwd, **kw)
+
+
+def _tables(sweep: Path) -> pd.DataFrame:
+    frames = [pd.read_parquet(p).assign(job=p.parent.name) for p in sorted(sweep.glob("*/removal_targets.parquet"))]
+    assert all(len(f) for f in frames)
+    return pd.concat(frames).sort_values(["job", "caption", "seed", "object", "method"]).reset_index(drop=True)
+
+
+def test_submitit_local_multirun_then_a_rerun_skips_every_finished_job(tmp_path):
+    """A real multirun through hydra-submitit's local executor (the SLURM code path): each job in its
+    own process, logs under the sweep directory; the same command again finishes nothing twice."""
+    sweep = tmp_path / "sweep"
+    command = SWEEP + ["hydra/launcher=local", f"hydra.sweep.dir={sweep}"]
+    first = _run(command, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "sweep summary: 2 done, 0 skipped, 0 failed" in first.stdout
+    logs = list(sweep.glob(".submitit/*/*_log.out"))
+    assert len(logs) == 2 and all("negstudy: report ->" in p.read_text() for p in logs)  # each job's own stdout
+    before = {p: p.read_bytes() for p in sweep.glob("*/*.parquet")}
+    second = _run(command, tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "sweep summary: 0 done, 2 skipped, 0 failed" in second.stdout
+    assert {p: p.read_bytes() for p in sweep.glob("*/*.parquet")} == before
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert [j["status"] for j in summary["jobs"]] == ["skipped", "skipped"] and summary["rerun"] is None
+    # another sweep directory with the same jobs reuses them from the job store (outputs/.jobs under cwd)
+    other = _run(SWEEP + [f"hydra.sweep.dir={tmp_path / 'again'}"], tmp_path)
+    assert "sweep summary: 0 done, 2 skipped, 0 failed" in other.stdout
+    pd.testing.assert_frame_equal(_tables(tmp_path / "again"), _tables(sweep))
+
+
+def test_one_failing_job_does_not_stop_the_others_and_the_summary_says_how_to_rerun(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _run(SWEEP + ["steps=10,0", f"hydra.sweep.dir={sweep}"], tmp_path)  # steps=0 is invalid: 2 of 4 jobs fail
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert (summary["done"], summary["failed"]) == (2, 2)
+    failed = [j for j in summary["jobs"] if j["status"] == "failed"]
+    assert all("steps=0" in j["overrides"] and j["cause"].startswith("ConfigError: steps=0") for j in failed)
+    assert summary["rerun"].startswith("python -m negstudy -m +sweep=removal") and f"hydra.sweep.dir={sweep}" in summary["rerun"]
+    assert "rerun only the failed jobs" in proc.stdout
+    done = [sweep / j["job"] for j in summary["jobs"] if j["status"] == "done"]
+    assert all((d / "removal_targets.parquet").exists() and (d / "done.json").exists() for d in done)
+    assert len(_tables(sweep).job.unique()) == 2  # the pooled report reads the finished jobs only
+
+
+def test_fault_drill_sigkill_mid_sweep_then_rerun_loses_and_duplicates_nothing(tmp_path):
+    """SIGKILL the sweep while its second job runs; the same command again finishes only that job,
+    and the tables and the pooled report equal those of an uninterrupted run."""
+    sweep = tmp_path / "killed"
+    command = SWEEP + [f"hydra.sweep.dir={sweep}", "job_store=store-killed"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not ((sweep / "0" / "done.json").exists() and (sweep / "1" / ".incomplete").exists()):
+        assert proc.poll() is None and time.time() < deadline, "the sweep ended before it could be killed"
+        time.sleep(0.02)
+    time.sleep(1.0)  # into the second job's work
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (sweep / "1" / ".incomplete").exists() and not (sweep / "1" / "done.json").exists()
+    assert not list(sweep.rglob("*.tmp"))  # atomic writes: no half-written file under its final name or elsewhere
+    status = jobs.summarize(sweep, "rerun")
+    assert [j["status"] for j in status["jobs"]] == ["done", "failed"] and "did not finish" in status["jobs"][1]["cause"]
+
+    rerun = _run(command, tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "sweep summary: 1 done, 1 skipped, 0 failed" in rerun.stdout
+    clean = tmp_path / "clean"
+    straight = _run(SWEEP + [f"hydra.sweep.dir={clean}", "job_store=store-clean"], tmp_path)
+    assert "sweep summary: 2 done, 0 skipped, 0 failed" in straight.stdout
+    pd.testing.assert_frame_equal(_tables(sweep), _tables(clean))
+    assert (sweep / "report" / "removal_methods.csv").read_text() == (clean / "report" / "removal_methods.csv").read_text()
+
+
+def test_fault_drill_full_disk_ends_in_a_clear_error_and_no_half_written_file(tmp_path):
+    """A write failure (file-size limit: EFBIG, as a full disk gives ENOSPC) in a single run."""
+    out = tmp_path / "run"
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with an error instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))  # the PNGs fit, images.parquet does not
+
+    proc = _run([sys.executable, "-m", "negstudy", "steps=4", "seeds=[0]", "dataset.limit=2", "logger=none",
+                 f"hydra.run.dir={out}"], tmp_path, preexec_fn=small_files)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "negstudy: error: the job failed: OSError" in proc.stderr and "File too large" in proc.stderr
+    assert not list(out.rglob("*.tmp"))
+    for png in out.rglob("*.png"):  # what was written is complete
+        from PIL import Image
+
+        Image.open(png).load()
+    assert not (out / "done.json").exists() and (out / ".incomplete").exists()
