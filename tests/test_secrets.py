@@ -1,0 +1,78 @@
+"""Secrets and untrusted input: planted keys never reach any output; faults of a paid judge never
+lose work. The removal sweep runs with the judge against the local OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from judge_server import JudgeServer  # noqa: E402
+
+OPENAI_KEY = "sk-negstudy-planted-0a1b2c3d4e5f"
+WANDB_KEY = "0123456789abcdef0123456789abcdefplanted0"
+
+
+def _sweep(tmp_path, server, sweep_dir, *extra):
+    env = {**os.environ, "OPENAI_API_KEY": OPENAI_KEY, "WANDB_API_KEY": WANDB_KEY}
+    return subprocess.run(
+        [sys.executable, "-m", "negstudy", "+sweep=removal", "steps=10", "seeds=[0,1,2]", "dataset.limit=4",
+         "evaluator=judge", f"evaluator.base_url={server.base_url}", f"evaluator.cache_dir={tmp_path / 'cache'}",
+         "evaluator.timeout_s=2", "logger=wandb", f"hydra.sweep.dir={sweep_dir}", *extra],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def judged(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("judged")
+    with JudgeServer(hang_s=3.0) as server:
+        # a flaky paid API for a while: rate limits, server errors, a timeout and garbage, then answers
+        for fault in ("429", "500", "hang", "garbage", "429", "bad_json", "500"):
+            server.fail(fault)
+        proc = _sweep(tmp_path, server, tmp_path / "sweep")
+        first_requests = server.requests
+        rerun = _sweep(tmp_path, server, tmp_path / "again", "job_store=other-store")  # new jobs, same questions
+        auth = set(server.authorizations)
+        rerun_requests = server.requests - first_requests
+    return tmp_path, proc, rerun, first_requests, rerun_requests, auth
+
+
+def test_removal_sweep_with_the_judge_survives_a_flaky_server(judged):
+    tmp_path, proc, _, requests, _, auth = judged
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sweep summary: 2 done, 0 skipped, 0 failed" in proc.stdout
+    assert auth == {f"Bearer {OPENAI_KEY}"}  # the key from the environment was used ...
+    t = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "sweep").glob("*/removal_targets.parquet"))])
+    assert len(t) > 0 and set(t.evaluator) == {"judge"} and set(t.preference_source) == {"judge"}
+    assert t.removed.notna().all()  # every fault was retried into an answer: nothing guessed, nothing lost
+    assert t[t.method != "from0"].prefers_over_from0.notna().all()
+    assert {"from0"} < set(t[t.method != "from0"].shown_first)  # both orders asked: a position bias cancels
+    originals = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "sweep").glob("*/originals.parquet"))])
+    assert originals.judged.all()
+
+
+def test_a_rerun_asks_the_judge_nothing_and_gets_the_same_table(judged):
+    tmp_path, _, rerun, _, rerun_requests, _ = judged
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "sweep summary: 2 done, 0 skipped" in rerun.stdout  # other job store: the jobs ran again ...
+    assert rerun_requests == 0  # ... but every answer came from the persistent cache
+    first = (tmp_path / "sweep" / "report" / "removal_methods.csv").read_text()
+    assert (tmp_path / "again" / "report" / "removal_methods.csv").read_text() == first
+
+
+def test_planted_keys_appear_in_no_output_file(judged):
+    """Every file the sweeps wrote (tables, configs, logs, reports, W&B offline runs and staged
+    artifacts, the judge cache, the job store) is free of both keys."""
+    tmp_path, proc, rerun, *_ = judged
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) > 50
+    leaks = [str(p) for p in files for key in (OPENAI_KEY, WANDB_KEY) if key.encode() in p.read_bytes()]
+    assert leaks == []
+    for text in (proc.stdout, proc.stderr, rerun.stdout, rerun.stderr):
+        assert OPENAI_KEY not in text and WANDB_KEY not in text
