@@ -56,7 +56,8 @@ def generation_job(cfg: DictConfig, out_dir: Path) -> None:
         tracker.curves(steps, "step", ["eps_pos_norm", "guidance_norm"])
         tracker.summary(n_images=len(table))
         if "negative_present" in table and table["negative_present"].notna().any():
-            rate = table.groupby("category")["negative_present"].mean()
+            judged = table.dropna(subset=["negative_present"])  # attribute negatives have no verdict under some evaluators
+            rate = judged.groupby("category")["negative_present"].apply(lambda v: v.astype(bool).mean())
             tracker.summary(**{f"negative_still_present/{k}": float(v) for k, v in rate.items()})
             print("negstudy: negative concept still present: " + ", ".join(f"{k} {v:.0%}" for k, v in rate.items()))
 

@@ -105,6 +105,7 @@ def reverse_activation(reverse: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+PSNR_CAP = 100.0  # dB: identical pixels (infinite PSNR) enter means at this value
 METHOD_NAMES = {"from0": "negative from step 0", "window": "fixed window", "adaptive": "adaptive window"}
 
 
@@ -131,7 +132,7 @@ def removal_methods(targets: pd.DataFrame) -> pd.DataFrame:
     """The paper's removal table, per dataset and method: removal rate (Wilson 95 % CI), the rate
     relative to from-0 (paired bootstrap over objects), how often the judge (or PSNR outside the
     object) prefers the method's image to from-0's as closer to the original, PSNR / SSIM outside
-    the object (bootstrap CIs), regenerations used, and how often the critical step came from attention."""
+    the object (bootstrap CIs; PSNR capped at PSNR_CAP, with the share of untouched backgrounds), regenerations used, and how often the critical step came from attention."""
     rows = []
     for dataset, d in targets.groupby("dataset"):
         judged = d.pivot_table(index=["job", "caption", "seed", "object"], columns="method", values="removed", aggfunc="first")
@@ -149,7 +150,11 @@ def removal_methods(targets: pd.DataFrame) -> pd.DataFrame:
                 row.update(preferred=p, preferred_low=plo, preferred_high=phi, preference_by=g.preference_source.iloc[0])
             for metric in ("psnr_out", "ssim_out"):
                 if metric in g:
-                    m, mlo, mhi = _mean_ci(g[metric].to_numpy(dtype=float))
+                    values = g[metric].to_numpy(dtype=float)
+                    if metric == "psnr_out":  # an untouched background has infinite PSNR: count it at the cap
+                        row["background_identical"] = float(np.isinf(values).mean())
+                        values = np.minimum(values, PSNR_CAP)
+                    m, mlo, mhi = _mean_ci(values)
                     row.update({metric: m, f"{metric}_low": mlo, f"{metric}_high": mhi})
             row["regenerations"] = float(g.regenerations.mean())
             row["start_mean"] = float(g.start.mean())

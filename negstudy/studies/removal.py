@@ -184,8 +184,9 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, evaluator: Eva
             for m in METHODS:
                 t.rows[m].update(background_scores(t.original, t.images[m], t.mask))
             for m in ("window", "adaptive"):
-                if closer is None:
-                    t.rows[m]["prefers_over_from0"] = bool(t.rows[m]["psnr_out"] > t.rows["from0"]["psnr_out"])
+                if closer is None:  # higher PSNR outside the object is closer; a tie (e.g. both untouched) is no answer
+                    a, b = t.rows[m]["psnr_out"], t.rows["from0"]["psnr_out"]
+                    t.rows[m]["prefers_over_from0"] = None if a == b or np.isnan(a) or np.isnan(b) else bool(a > b)
 
     rows = []
     for t in targets:
