@@ -129,3 +129,20 @@ def test_fault_drill_full_disk_ends_in_a_clear_error_and_no_half_written_file(tm
 
         Image.open(png).load()
     assert not (out / "done.json").exists() and (out / ".incomplete").exists()
+
+
+def test_every_launcher_composes_and_instantiates():
+    from hydra.utils import instantiate
+
+    register_configs()
+    with initialize_config_module(config_module="negstudy.conf", version_base="1.3"):
+        for name, target in (("slurm", "SlurmLauncher"), ("local", "LocalLauncher"), ("joblib", "JoblibLauncher")):
+            cfg = compose(config_name="config", overrides=[f"hydra/launcher={name}", "hydra.launcher.timeout_min=7"]
+                          if name != "joblib" else [f"hydra/launcher={name}"], return_hydra_config=True)
+            assert cfg.hydra.launcher._target_.endswith(target)
+            launcher = instantiate(cfg.hydra.launcher)
+            assert type(launcher).__name__ == target
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                                       "hydra.launcher.array_parallelism=8"], return_hydra_config=True)
+        assert (cfg.hydra.launcher.partition, cfg.hydra.launcher.array_parallelism, cfg.hydra.launcher.gpus_per_node) == ("gpu", 8, 1)
+        assert cfg.hydra.launcher.submitit_folder == "${hydra.sweep.dir}/.submitit/%j"  # job logs inside the sweep directory
