@@ -145,4 +145,4 @@ def test_every_launcher_composes_and_instantiates():
         cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
                                                        "hydra.launcher.array_parallelism=8"], return_hydra_config=True)
         assert (cfg.hydra.launcher.partition, cfg.hydra.launcher.array_parallelism, cfg.hydra.launcher.gpus_per_node) == ("gpu", 8, 1)
-        assert cfg.hydra.launcher.submitit_folder == "${hydra.sweep.dir}/.submitit/%j"  # job logs inside the sweep directory
+        assert cfg.hydra.launcher.submitit_folder == f"{cfg.hydra.sweep.dir}/.submitit/%j"  # job logs inside the sweep directory
