@@ -3,6 +3,7 @@ lose work. The removal sweep runs with the judge against the local OpenAI-compat
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -55,6 +56,8 @@ def test_removal_sweep_with_the_judge_survives_a_flaky_server(judged):
     assert {"from0"} < set(t[t.method != "from0"].shown_first)  # both orders asked: a position bias cancels
     originals = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "sweep").glob("*/originals.parquet"))])
     assert originals.judged.all()
+    usage = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/judge_usage.json"))]
+    assert sum(u["requests"] + u["http_retries"] for u in usage) == requests and sum(u["input_tokens"] for u in usage) > 0
 
 
 def test_a_rerun_asks_the_judge_nothing_and_gets_the_same_table(judged):

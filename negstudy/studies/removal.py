@@ -21,12 +21,13 @@ Per caption and seed:
    the original (the judge's ``closer`` when the evaluator is a judge, else higher PSNR outside).
 
 Tables: ``originals.parquet`` (caption, seed, objects found, targets) and ``removal_targets.parquet``
-(one row per object and method). Image strips (original | from0 | window | adaptive) go to
+(one row per object and method); with a judge, ``judge_usage.json`` (requests, cache hits, tokens, cost). Image strips (original | from0 | window | adaptive) go to
 ``triples/``. The report (``negstudy.report``) turns them into the paper's table with 95 % CIs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from negstudy.datasets import captions_of
 from negstudy.evaluators import Evaluator, make_evaluator
 from negstudy.labels import label_set
 from negstudy.metrics import background_scores
-from negstudy.records import save_png, slug, to_uint8, write_table
+from negstudy.records import save_png, slug, to_uint8, write_table, write_text
 from negstudy.sampler import Batch, NegativeSampler
 from negstudy.schedules import Always, Never, Window
 
@@ -202,6 +203,10 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, evaluator: Eva
                      {"prompt": t.prompt, "seed": t.seed, "object": t.object, "columns": "original,from0,window,adaptive",
                       "critical_step": t.critical_step,
                       **{f"{m}_window": f"{t.rows[m]['start']}..{t.rows[m]['end']}" for m in METHODS}})
+    usage = getattr(evaluator, "usage", None)
+    if usage:  # a paid judge: requests, cache hits, tokens and cost of this job
+        write_text(json.dumps(dict(usage), indent=1, default=float), out_dir / "judge_usage.json")
+        log.info("judge usage: %s", ", ".join(f"{k} {v}" for k, v in dict(usage).items()))
     tables = {"originals": pd.DataFrame(originals), "removal_targets": pd.DataFrame(rows)}
     for name, frame in tables.items():
         write_table(frame, out_dir / f"{name}.parquet")
