@@ -6,8 +6,10 @@ job killed at any moment leaves each file either complete or absent, never half 
 
 from __future__ import annotations
 
+import csv
 import os
 import re
+import shutil
 import tempfile
 import unicodedata
 from contextlib import contextmanager
@@ -66,3 +68,43 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
 def write_text(text: str, path: Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+# --------------------------------------------------------------------- directories (training checkpoints)
+
+
+def fresh_tmp_dir(final: Path) -> Path:
+    """An empty ``<final>.tmp`` directory to fill before :func:`replace_dir` moves it onto ``final``."""
+    tmp = Path(final).with_name(Path(final).name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished directory ``tmp`` onto ``final``. Between the two renames the previous
+    version survives as ``<final>.old`` (see :func:`find_checkpoint`), so a kill loses neither."""
+    old = Path(final).with_name(Path(final).name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def find_checkpoint(out: Path, marker: str = "state.pt") -> Path | None:
+    """``out/checkpoint``, or ``out/checkpoint.old`` if a kill hit :func:`replace_dir` between its renames."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if (Path(out) / name / marker).exists():
+            return Path(out) / name
+    return None
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import math
 import shutil
@@ -50,6 +49,7 @@ if str(_REPO) not in sys.path:  # `python scripts/train_clip.py` puts scripts/, 
 
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor  # noqa: E402
 
+from negstudy.records import find_checkpoint, fresh_tmp_dir, replace_dir, write_csv  # noqa: E402
 from negstudy.shapes import world  # noqa: E402
 from negstudy.tokenizer import build_clip_tokenizer  # noqa: E402
 
@@ -203,54 +203,29 @@ def lr_at(args, step: int, elapsed: float) -> float:
 # checkpoint and export (write to <name>.tmp, then rename: a crash never leaves a half directory)
 
 
-def fresh_tmp(final: Path) -> Path:
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
-def atomic_replace(tmp: Path, final: Path):
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
-def find_checkpoint(out: Path) -> Path | None:
-    for name in ("checkpoint", "checkpoint.old"):  # .old only survives a crash between two renames
-        if (out / name / "state.pt").exists():
-            return out / name
-    return None
 
 
-def write_log(path: Path, rows: list[list]):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "loss", "lr", "logit_scale", "elapsed_s"])
-        w.writerows(rows)
 
 
 def save_checkpoint(out: Path, state: dict):
-    tmp = fresh_tmp(out / "checkpoint")
+    tmp = fresh_tmp_dir(out / "checkpoint")
     torch.save(state, tmp / "state.pt")
-    write_log(tmp / "training_log.csv", state["log"])
-    atomic_replace(tmp, out / "checkpoint")
+    write_csv(tmp / "training_log.csv", ["step", "loss", "lr", "logit_scale", "elapsed_s"], state["log"])
+    replace_dir(tmp, out / "checkpoint")
 
 
 def export_model(out: Path, model: CLIPModel, processor: CLIPProcessor, dtype: torch.dtype, meta: dict, log_rows):
-    tmp = fresh_tmp(out / "model")
+    tmp = fresh_tmp_dir(out / "model")
     (copy.deepcopy(model).to(dtype) if dtype != torch.float32 else model).save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
     processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json, as openai's checkpoints have
     (tmp / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
-    write_log(tmp / "training_log.csv", log_rows)
-    atomic_replace(tmp, out / "model")
+    write_csv(tmp / "training_log.csv", ["step", "loss", "lr", "logit_scale", "elapsed_s"], log_rows)
+    replace_dir(tmp, out / "model")
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import math
 import os
@@ -56,6 +55,8 @@ if str(_REPO) not in sys.path:  # `python scripts/train_shapes.py` puts scripts/
 import diffusers  # noqa: E402
 from diffusers import DDPMScheduler, PNDMScheduler, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from negstudy.records import find_checkpoint, fresh_tmp_dir, replace_dir, write_csv  # noqa: E402
 
 MAX_LEN = 77
 BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -288,46 +289,21 @@ class EMA:
 # checkpoint, export, log
 
 
-def atomic_replace(tmp: Path, final: Path):
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
-def fresh_tmp(final: Path) -> Path:
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
-def write_log(path: Path, rows: list[list]):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "loss", "lr", "elapsed_s", "loss_window"])
-        w.writerows(rows)
 
 
 def save_checkpoint(out: Path, state: dict, log_rows: list[list]):
     final = out / "checkpoint"
-    tmp = fresh_tmp(final)
+    tmp = fresh_tmp_dir(final)
     torch.save(state, tmp / "state.pt")
-    write_log(tmp / "training_log.csv", log_rows)
+    write_csv(tmp / "training_log.csv", ["step", "loss", "lr", "elapsed_s", "loss_window"], log_rows)
     (tmp / "progress.json").write_text(json.dumps({k: state[k] for k in ("step", "elapsed", "chunk", "pos")}, indent=1))
-    atomic_replace(tmp, final)
+    replace_dir(tmp, final)
 
 
-def find_checkpoint(out: Path) -> Path | None:
-    for name in ("checkpoint", "checkpoint.old"):  # .old only survives a crash between two renames
-        if (out / name / "state.pt").exists():
-            return out / name
-    return None
 
 
 @torch.no_grad()
@@ -342,7 +318,7 @@ def cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 def export_model(out: Path, ema: EMA, dtype: torch.dtype, meta: dict, log_rows: list[list]):
     final = out / "model"
-    tmp = fresh_tmp(final)
+    tmp = fresh_tmp_dir(final)
     unet, text = ema.shadow
     cast_copy(unet, dtype).save_pretrained(tmp / "unet", safe_serialization=True)
     cast_copy(text, dtype).save_pretrained(tmp / "text_encoder", safe_serialization=True)
@@ -362,8 +338,8 @@ def export_model(out: Path, ema: EMA, dtype: torch.dtype, meta: dict, log_rows: 
         "negstudy": meta,
     }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    write_log(tmp / "training_log.csv", log_rows)
-    atomic_replace(tmp, final)
+    write_csv(tmp / "training_log.csv", ["step", "loss", "lr", "elapsed_s", "loss_window"], log_rows)
+    replace_dir(tmp, final)
 
 
 def rng_state(device: torch.device) -> dict:
