@@ -156,6 +156,9 @@ def removal_methods(targets: pd.DataFrame) -> pd.DataFrame:
                         values = np.minimum(values, PSNR_CAP)
                     m, mlo, mhi = _mean_ci(values)
                     row.update({metric: m, f"{metric}_low": mlo, f"{metric}_high": mhi})
+            if "substituted" in g and g.substituted.notna().any():
+                sub = g.substituted.dropna().astype(bool)
+                row["substituted"], row["substituted_low"], row["substituted_high"] = wilson(int(sub.sum()), len(sub))
             row["regenerations"] = float(g.regenerations.mean())
             row["start_mean"] = float(g.start.mean())
             if method == "adaptive":
@@ -362,6 +365,8 @@ def summary_lines(root: str | Path) -> list[str]:
                     line += f", preferred to from-0 in {row.preferred:.0%} ({row.preference_by})"
             if pd.notna(getattr(row, "psnr_out", np.nan)):
                 line += f", PSNR outside {row.psnr_out:.1f} dB"
+            if pd.notna(getattr(row, "substituted", np.nan)):
+                line += f", another object appeared in {row.substituted:.0%}"
             lines.append(line)
     rev_path = Path(root) / "report" / "reverse_activation.csv"
     if rev_path.exists():

@@ -71,6 +71,7 @@ def test_removal_sweep_runs_every_method_on_every_unnamed_object(removal_sweep):
     assert set(a.critical_source) <= {"attention", "fallback"}
     assert (a[a.critical_source == "fallback"].critical_step == scale(6, 31, n)).all()
     assert t.psnr_out.notna().all() and t.ssim_out.between(-1, 1).all()
+    assert t.substituted.notna().all() and (t.substituted == (t.new_objects != "")).all()
 
 
 def test_removal_verdicts_match_the_saved_images(removal_sweep):
@@ -78,11 +79,16 @@ def test_removal_verdicts_match_the_saved_images(removal_sweep):
     out, _ = removal_sweep
     t = pd.concat([pd.read_parquet(p).assign(job=p.parent.name) for p in sorted(out.glob("*/removal_targets.parquet"))])
     columns = {"from0": 1, "window": 2, "adaptive": 3}
+    originals = {(p.parent.name, r.caption, r.seed): r.objects for p in sorted(out.glob("*/originals.parquet"))
+                 for r in pd.read_parquet(p).itertuples()}
     checked = 0
     for row in t.itertuples():
         strip = np.asarray(Image.open(out / row.job / "triples" / strip_name(row.caption, row.prompt, row.seed, row.object)))
         image = strip[:, 32 * columns[row.method] : 32 * (columns[row.method] + 1)]
-        assert row.removed == (not oracle.inspect(image).present(row.object))
+        verdict = oracle.inspect(image)
+        assert row.removed == (not verdict.present(row.object))
+        found = set(originals[(row.job, row.caption, row.seed)].split(",")) - {""}
+        assert row.new_objects == ",".join(sorted(set(verdict.objects) - found))
         checked += 1
     assert checked == len(t) > 0
 

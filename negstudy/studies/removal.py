@@ -17,7 +17,8 @@ Per caption and seed:
    they end), and they are judged in order, stopping at the first success, so a paid judge sees
    exactly the calls of the sequential algorithm;
 4. each edited image vs the original: is the object still there (the evaluator), PSNR / SSIM
-   outside the object (``negstudy.metrics``), and which of window / adaptive vs from-0 is closer to
+   outside the object (``negstudy.metrics``), whether another object took its place (evaluators
+   that locate objects: an object absent from the original appears), and which of window / adaptive vs from-0 is closer to
    the original (the judge's ``closer`` when the evaluator is a judge, else higher PSNR outside).
 
 Tables: ``originals.parquet`` (caption, seed, objects found, targets) and ``removal_targets.parquet``
@@ -65,6 +66,7 @@ class Target:
     rows: dict[str, dict] = field(default_factory=dict)
     critical_step: int = 0
     critical_source: str = "fallback"
+    found: tuple[str, ...] = ()  # every object the evaluator found in the original
 
 
 def scale(step: int, of: int, n: int) -> int:
@@ -119,7 +121,7 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, evaluator: Eva
             kept = [] if found is None else [o for o in found if not named_in(captions[c], o) and o not in r.drop][: r.max_objects]
             originals.append({"caption": c, "prompt": captions[c], "seed": seed, "judged": found is not None,
                               "objects": ",".join(found or []), "targets": ",".join(kept)})
-            targets += [Target(c, captions[c], seed, o, found[o], image) for o in kept]
+            targets += [Target(c, captions[c], seed, o, found[o], image, found=tuple(found)) for o in kept]
     log.info("removal: %d originals, %d objects to remove", len(originals), len(targets))
 
     # 2. from-0 and the fixed window, with the from-0 image's attention -> this sample's critical step
@@ -181,6 +183,11 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, evaluator: Eva
                 for t, pick, f in zip(part, picks, flip):
                     t.rows[m]["prefers_over_from0"] = None if pick is None else pick == ("b" if f else "a")
                     t.rows[m]["shown_first"] = "from0" if f else m
+        if evaluator.locates:  # substitution: an object the original did not have appears in the edit
+            for m in METHODS:
+                for t, objs in zip(part, evaluator.objects(np.stack([t.images[m] for t in part]), labels)):
+                    new = sorted(set(objs or ()) - set(t.found))
+                    t.rows[m].update(new_objects=",".join(new), substituted=None if objs is None else bool(new))
         for t in part:
             for m in METHODS:
                 t.rows[m].update(background_scores(t.original, t.images[m], t.mask))
