@@ -22,7 +22,7 @@ from negstudy.evaluators import make_evaluator
 from negstudy.models import load_pipeline, pick_device
 from negstudy.datasets import pairs_of
 from negstudy.records import atomic_path, save_png, slug, to_uint8, write_table, write_text
-from negstudy.sampler import Batch, Hook, NegativeSampler, StepState
+from negstudy.sampler import Batch, Hook, NegativeSampler, StepState, halve_on_oom
 from negstudy.schedules import Schedule
 
 log = logging.getLogger("negstudy")
@@ -94,6 +94,9 @@ class TensorRecorder(Hook):
         self._batch: list[dict[str, torch.Tensor]] = []
         self.ids: list[int] = []
 
+    def start_batch(self, ids: list[int]) -> None:
+        self.ids, self._batch = ids, []
+
     def on_step(self, state: StepState) -> None:
         entry = {}
         if "latents" in self.what:
@@ -144,16 +147,26 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     steps = StepTable()
     recorder = TensorRecorder(list(cfg.record)) if cfg.record else None
     rows = []
-    for start in tqdm(range(0, len(items), cfg.batch_size), desc="batches", unit="batch"):
-        chunk = items[start : start + cfg.batch_size]
+
+    def sample(chunk: list[Item]) -> np.ndarray:
+        """One sampler call; a call that raises (CUDA out of memory) leaves no step rows behind."""
         plans = [plan] * len(chunk)
+        n_rows = len(steps.rows)
         steps.start_batch(chunk, plans)
         hooks = [steps]
         if recorder:
-            recorder.ids = [it.image_id for it in chunk]
+            recorder.start_batch([it.image_id for it in chunk])
             hooks.append(recorder)
         batch = Batch([it.prompt for it in chunk], [it.negative for it in chunk], [it.seed for it in chunk], plans)
-        images = to_uint8(sampler.generate(batch, hooks))
+        try:
+            return to_uint8(sampler.generate(batch, hooks))
+        except BaseException:
+            del steps.rows[n_rows:]
+            raise
+
+    bar = tqdm(total=len(items), desc="images", unit="image")
+    for chunk, images in halve_on_oom(items, cfg.batch_size, sample):  # out of memory: the batch is halved
+        bar.update(len(chunk))
         for it, image, extra in zip(chunk, images, evaluator.evaluate(images, chunk)):
             row = {
                 "image_id": it.image_id, "pair": it.pair, "prompt": it.prompt, "negative": it.negative,
@@ -167,9 +180,12 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
                                                                       "guidance_scale", "model", "scheduler")})
                 row["file"] = name
             rows.append(row | extra)
+    bar.close()
     table = pd.DataFrame(rows)
     write_table(table, out_dir / "images.parquet")
-    write_table(pd.DataFrame(steps.rows), out_dir / "steps.parquet")
+    # sorted, so that the table does not depend on how the images were batched
+    write_table(pd.DataFrame(steps.rows).sort_values(["image_id", "step"], kind="stable", ignore_index=True),
+                out_dir / "steps.parquet")
     if recorder:
         from safetensors.torch import save_file
 

@@ -10,21 +10,39 @@ with ``three_branches=True`` all three are computed at every step so analyses ca
 them on the same trajectory. Batch rows are ordered [negative..., empty..., positive...], which
 for ``always`` is exactly diffusers' ``[negative, positive]`` order, so images match
 ``StableDiffusionPipeline`` to float precision.
+
+Batch-size independence: CPU kernels (oneDNN convolutions, BLAS GEMMs) choose their algorithm,
+hence their rounding, from the number of rows of a call, so an image's noise prediction changed
+in its last bits with the number of images sharing its batch (PNGs by one grey level). On the CPU
+every convolution and linear layer of the UNet therefore runs on blocks of exactly ``fixed_rows``
+rows (:class:`FixedRows`) and the VAE decodes one image at a time: an image's bits depend on its
+own inputs only, whatever the batch, the lanes or the order.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from negstudy.schedules import StepPlan
 
 BRANCHES = ("negative", "empty", "positive")
+# A block of UNet rows on the CPU should hold about this much work (latent positions x the first
+# block's channels): 8 rows of the shapes model (32 x 32 x 32).
+CPU_BLOCK_WORK = 8 * 32 * 32 * 32
+
+log = logging.getLogger("negstudy")
+T = TypeVar("T")
 
 
 @dataclass
@@ -85,10 +103,16 @@ class NegativeSampler:
 
     pipe: a loaded Stable Diffusion pipeline (unet, text_encoder, tokenizer, scheduler, vae or None
     for pixel-space models). The sampler does not call the pipeline's ``__call__``.
+
+    fixed_rows: rows of every convolution / linear call of the UNet (:class:`FixedRows`; the VAE
+    then decodes image by image), which makes images independent of the batch size; "auto" is
+    :func:`cpu_fixed_rows` on the CPU and 0 elsewhere (whole batches, one kernel call per layer:
+    fastest on GPUs, where the bits then depend on the batch as in diffusers).
     """
 
     def __init__(self, pipe, *, steps: int = 30, guidance_scale: float = 7.5, height: int | None = None,
-                 width: int | None = None, three_branches: bool = False, progress: bool = False):
+                 width: int | None = None, three_branches: bool = False, progress: bool = False,
+                 fixed_rows: int | str = "auto"):
         self.pipe = pipe
         self.unet, self.scheduler, self.vae = pipe.unet, pipe.scheduler, getattr(pipe, "vae", None)
         self.steps = steps
@@ -102,6 +126,11 @@ class NegativeSampler:
         self._embeds: dict[str, torch.Tensor] = {}
         self.scheduler.set_timesteps(steps)
         self.n_calls = len(self.scheduler.timesteps)
+        if fixed_rows == "auto":
+            fixed_rows = cpu_fixed_rows(self.unet, self.latent_shape) if self.device.type == "cpu" else 0
+        if not isinstance(fixed_rows, int) or fixed_rows < 0:
+            raise ValueError(f"fixed_rows={fixed_rows!r}: expected 'auto', 0 (off) or a number of rows")
+        self.fixed_rows = fixed_rows
 
     @property
     def device(self) -> torch.device:
@@ -189,7 +218,8 @@ class NegativeSampler:
             index = torch.tensor([b for b, _ in rows], device=self.device)
             model_in = self.scheduler.scale_model_input(latents[index], t)
             cond = torch.cat([embeds[branch][b : b + 1] for b, branch in rows])
-            out = self.unet(model_in, t, encoder_hidden_states=cond, return_dict=False)[0]
+            with FixedRows(self.fixed_rows) if self.fixed_rows else contextlib.nullcontext():
+                out = self.unet(model_in, t, encoder_hidden_states=cond, return_dict=False)[0]
             eps = {branch: torch.full_like(latents, float("nan")) for branch in BRANCHES}
             for j, (b, branch) in enumerate(rows):
                 eps[branch][b] = out[j]
@@ -263,7 +293,10 @@ class NegativeSampler:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents -> images (B, H, W, 3) in [0, 1]; pixel-space models skip the VAE."""
         if self.vae is not None:
-            latents = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            latents = latents / self.vae.config.scaling_factor
+            # with fixed rows, one image per call: the VAE's wide convolutions need no batch, and 1 pads nothing
+            parts = latents.split(1) if self.fixed_rows else [latents]
+            latents = torch.cat([self.vae.decode(part, return_dict=False)[0] for part in parts])
         return self.pipe.image_processor.postprocess(latents, output_type="np")
 
 
@@ -272,3 +305,81 @@ def _clone(generator: torch.Generator) -> torch.Generator:
     copy = torch.Generator(generator.device)
     copy.set_state(generator.get_state())
     return copy
+
+
+def cpu_fixed_rows(unet, latent_shape: tuple[int, int, int]) -> int:
+    """Rows per block on the CPU: the fewest of 2, 4, 8 whose block holds ``CPU_BLOCK_WORK``.
+
+    Small UNets need several rows per call to keep the CPU busy, large ones do not, and padding a
+    lone image (2 rows) to the block costs the rest. Measured (2 cores): the shapes model's time
+    per row is 1.6-2.2x higher at 2 rows than at 8, so it gets 8 (cost of the blocks, against
+    unblocked batches: 1.10x at 16 images a batch, 1.02x at 4, 2.2x for one image alone);
+    Stable Diffusion 2's UNet at 256 px is only 1.15x higher at 2 rows, so SD UNets get 2.
+    """
+    work = latent_shape[1] * latent_shape[2] * unet.config.block_out_channels[0]
+    rows = 2
+    while rows < 8 and rows * work < CPU_BLOCK_WORK:
+        rows *= 2
+    return rows
+
+
+class FixedRows(TorchFunctionMode):
+    """Within this context every ``conv2d`` and ``linear`` runs on blocks of exactly ``rows`` rows.
+
+    The input's first axis (the UNet's batch rows) is cut into blocks of ``rows``; the last block
+    is padded with copies of its last row, whose outputs are dropped. Kernels then see one shape
+    whatever the batch, and a row's result depends on its own input only (checked bit for bit on
+    the shipped model: any batch, position or neighbours; tests/test_determinism.py). The UNet
+    still makes one call per step, so hooks and attention processors see the whole batch.
+    """
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.rows = rows
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear or func is F.conv2d:
+            x = args[0]
+            # conv2d's unbatched (C, H, W) input has no row axis
+            if isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[0] != self.rows and (func is F.linear or x.ndim == 4):
+                outs = []
+                for start in range(0, x.shape[0], self.rows):
+                    block = x[start : start + self.rows]
+                    n = block.shape[0]
+                    if n < self.rows:
+                        block = torch.cat([block, block[-1:].expand(self.rows - n, *block.shape[1:])])
+                    outs.append(func(block, *args[1:], **kwargs)[:n])
+                return torch.cat(outs)
+        return func(*args, **kwargs)
+
+
+def halve_on_oom(items: Sequence, batch_size: int, run: Callable[[Sequence], T]) -> Iterator[tuple[Sequence, T]]:
+    """``run`` over ``items`` in batches, yielding (batch, result); on CUDA out-of-memory the batch is halved.
+
+    The failed batch is retried at half the size, down to 1 item, and the smaller size is kept for
+    the rest of ``items``; ``run`` must leave no trace of a call that raised. With one item left
+    the error is raised again with the sizes tried. Images do not depend on the batch size on the
+    CPU (:class:`FixedRows`); on a GPU they differ from the full batch's by float rounding.
+    """
+    size, start = batch_size, 0
+    while start < len(items):
+        batch = items[start : start + size]
+        try:
+            result = run(batch)
+        except torch.cuda.OutOfMemoryError as err:
+            if len(batch) == 1:
+                first_line = (str(err).splitlines() or [""])[0][:200]
+                raise torch.cuda.OutOfMemoryError(
+                    f"out of memory with a batch of 1 (tried {batch_size} down to 1 by halving): one image does not "
+                    f"fit; use a smaller height/width, model.dtype=fp16 or another device ({first_line})"
+                ) from err
+        else:
+            yield batch, result
+            start += len(batch)
+            continue
+        # outside the except block, so the failed call's tensors (held by the traceback) are freed first
+        size = max(1, len(batch) // 2)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("out of memory with a batch of %d; retrying with %d", len(batch), size)
