@@ -130,7 +130,8 @@ def build_sampler(cfg: DictConfig) -> NegativeSampler:
     log.info("loading %s from %s on %s", cfg.model.name, cfg.model.path, device)
     pipe = load_pipeline(cfg.model, device)
     return NegativeSampler(pipe, steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height,
-                           width=cfg.width, three_branches=cfg.three_branches, progress=True)
+                           width=cfg.width, three_branches=cfg.three_branches, progress=True,
+                           fixed_rows=cfg.get("fixed_rows", "auto"))
 
 
 def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:

@@ -517,6 +517,7 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
         p, seed = items[first]
         fig, windows = figures.attention_grid_for(sampler, pairs[p].prompt, pairs[p].negative, seed, window, threshold)
         figures.save(fig, out_dir / "attention_grid.png")
-        out["attention_windows"] = windows.assign(pair=p, prompt=pairs[p].prompt, negative=pairs[p].negative, seed=seed)
+        out["attention_windows"] = windows.drop(columns="heat").assign(pair=p, prompt=pairs[p].prompt,
+                                                                      negative=pairs[p].negative, seed=seed)
         write_table(out["attention_windows"], out_dir / "attention_windows.parquet")
     return out
