@@ -143,7 +143,9 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, evaluator: Eva
         _judge_removed(evaluator, part, ("from0", "window"))
 
     # 3. the adaptive window: candidates [k*, k* + length - 1 + extend * j], judged in order
-    ends = lambda t: sorted({min(n - 1, t.critical_step + r.length - 1 + r.extend * j) for j in range(r.max_regenerations + 1)})
+    def ends(t: Target) -> list[int]:
+        return sorted({min(n - 1, t.critical_step + r.length - 1 + r.extend * j) for j in range(r.max_regenerations + 1)})
+
     per = max(1, chunk // (r.max_regenerations + 1))
     for i in tqdm(range(0, len(targets), per), desc="adaptive window", unit="batch"):
         part = targets[i : i + per]
