@@ -230,25 +230,26 @@ def builtin_model_dir(name: str) -> Path:
     return Path(__file__).parent / "models" / name
 
 
-def resolve_model_path(path: str) -> tuple[str, bool]:
-    """(path or hub id to hand to ``from_pretrained``, whether it is local)."""
+def resolve_model_path(path: str, *, key: str = "model.path", marker: str = "model_index.json",
+                       kind: str = "", hint: str = "a local directory written by save_pretrained or a hub id such as "
+                                                  "stabilityai/stable-diffusion-2-base") -> tuple[str, bool]:
+    """(path or hub id to hand to ``from_pretrained``, whether it is local). ``marker`` is the file
+    that makes a directory a model (model_index.json for diffusers, config.json for transformers);
+    ``kind`` names the model in messages ("CLIP "); ConfigError names ``key``."""
     if path.startswith(BUILTIN_PREFIX):
         name = path[len(BUILTIN_PREFIX) :]
         local = builtin_model_dir(name)
-        if not (local / "model_index.json").exists():
-            shipped = sorted(p.name for p in local.parent.glob("*/model_index.json")) if local.parent.exists() else []
-            raise ConfigError(f"model.path={path!r}: no shipped model of that name (shipped: {', '.join(shipped) or 'none'})")
+        if not (local / marker).exists():
+            shipped = sorted(p.parent.name for p in local.parent.glob(f"*/{marker}")) if local.parent.exists() else []
+            raise ConfigError(f"{key}={path!r}: no shipped {kind}model of that name (shipped: {', '.join(shipped) or 'none'})")
         return str(local), True
     expanded = Path(path).expanduser()
     if path.startswith(("/", "./", "../", "~")) or expanded.exists():
-        if not (expanded / "model_index.json").exists():
-            raise ConfigError(
-                f"model.path={path!r}: not a diffusers model directory (no model_index.json there); "
-                "give a local directory written by save_pretrained or a hub id such as stabilityai/stable-diffusion-2-base"
-            )
+        if not (expanded / marker).exists():
+            raise ConfigError(f"{key}={path!r}: not a {kind or 'diffusers '}model directory (no {marker} there); give {hint}")
         return str(expanded), True
     if not HUB_ID.match(path):
-        raise ConfigError(f"model.path={path!r}: neither an existing local directory nor a hub id of the form org/name")
+        raise ConfigError(f"{key}={path!r}: neither an existing local directory nor a hub id of the form org/name")
     return path, False
 
 

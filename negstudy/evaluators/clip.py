@@ -22,13 +22,12 @@ Presence is zero-shot, by comparing captions that name the object with captions 
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from negstudy.config import BUILTIN_PREFIX, HUB_ID, builtin_model_dir
+from negstudy.config import resolve_model_path
 from negstudy.errors import ConfigError, ModelNotFoundError
 
 SHAPES_CLIP = "builtin:shapes_clip"
@@ -41,24 +40,8 @@ def resolve_clip_path(path: str, model_world: str | None) -> tuple[str, bool]:
     """(directory or hub id for ``from_pretrained``, whether it is local); ConfigError if unusable."""
     if path == "auto":
         path = SHAPES_CLIP if model_world == "shapes" else OPENAI_CLIP
-    if path.startswith(BUILTIN_PREFIX):
-        local = builtin_model_dir(path[len(BUILTIN_PREFIX):])
-        if not (local / "config.json").exists():
-            root = local.parent
-            shipped = sorted(p.parent.name for p in root.glob("*/config.json")) if root.exists() else []
-            raise ConfigError(f"evaluator.path={path!r}: no shipped CLIP model of that name (shipped: {', '.join(shipped) or 'none'})")
-        return str(local), True
-    expanded = Path(path).expanduser()
-    if path.startswith(("/", "./", "../", "~")) or expanded.exists():
-        if not (expanded / "config.json").exists():
-            raise ConfigError(
-                f"evaluator.path={path!r}: not a CLIP model directory (no config.json there); give a directory written by "
-                f"CLIPModel.save_pretrained, {SHAPES_CLIP} or a hub id such as {OPENAI_CLIP}"
-            )
-        return str(expanded), True
-    if not HUB_ID.match(path):
-        raise ConfigError(f"evaluator.path={path!r}: neither an existing local directory nor a hub id of the form org/name")
-    return path, False
+    return resolve_model_path(path, key="evaluator.path", marker="config.json", kind="CLIP ",
+                              hint=f"a directory written by CLIPModel.save_pretrained, {SHAPES_CLIP} or a hub id such as {OPENAI_CLIP}")
 
 
 def shapes_captions() -> tuple[list[str], list[frozenset[str]]]:
