@@ -19,6 +19,33 @@ see :mod:`negstudy.schedules`), reduced on the fly so that no full attention ten
   in the positive branch, the negative prompt's in the negative branch, none in the empty one).
 
 A branch that the schedule did not compute at a step has no entry for that step.
+
+The author's definitions (``maps="daam"``, config ``attention.maps=daam``)
+-------------------------------------------------------------------------
+negstudy's maps average the heads of a layer first, then the layers, with bilinear upsampling.
+The author's code (GitHub banyuanhao/daam, ``daam/trace.py``) keeps one map per (layer, head,
+step): ``UNetCrossAttentionHooker.__call__`` stores every head's (77, h_l, w_l) probabilities in a
+``RawHeatMapCollection`` (``daam/heatmap.py``, keyed by (factor, layer, head, step)), and both
+``DiffusionHeatMapHooker.compute_global_heat_map`` (word maps) and ``compute_activation_ratio``
+(the Figure 3 statistic) upsample EACH head's map with ``F.interpolate(..., mode='bicubic')``
+(align_corners=False) and clamp it at 0 before anything else. With ``maps="daam"`` the recorder
+computes, beside negstudy's quantities and from the same probabilities:
+
+- ``energy_daam``: (77,) per slot, ``sum_{l,h} mean_p clamp(bic(A_{l,h}))[p, k] ** 2`` (bicubic
+  undershoots, so clamping changes the value where bilinear would not); the ratio table gains the
+  variants ``all_tokens_daam`` (the mean over the 77 slots: ``compute_activation_ratio``, the
+  paper's Figure 3) and ``word_tokens_daam`` (the word slots of ``word_tokens``; the author's
+  ``compute_activation_ratio_spec`` uses the whole prompt's tokens in the positive branch);
+- word maps ``kind="daam"``: ``mean_{(l, h)} clamp(bic(A_{l,h}))`` over every (layer, head) map of
+  the step with equal weight (``compute_global_heat_map`` stacks all maps and takes ``.mean(0)``),
+  so a layer with more heads weighs more (SD2-base: 5, 10 or 20 heads per layer); a word's map is
+  the mean of its sub-word tokens' maps (``GlobalHeatMap.compute_word_heat_map``). DAAM averages
+  a window of steps with equal weight too, so the mean of these per-step maps over a window is
+  DAAM's window map. Units: attention probability, as negstudy's.
+
+On a UNet whose recorded layers all have the same number of heads (the tiny and shapes models)
+the two map definitions differ only in the upsampling kernel; at a layer on the latent grid
+itself they coincide.
 """
 
 from __future__ import annotations
@@ -41,6 +68,11 @@ VARIANTS = ("all_tokens", "word_tokens")
 # (noun peak ~1.07 near step 5, adjectives crossing 1 near step 10) and the level 1 of the
 # crossing rule are calibrated on it; word_tokens has no such reference yet.
 DEFAULT_VARIANT = "all_tokens"
+# The author's code's definitions (bicubic per head, clamped, every (layer, head) map weighted
+# equally), recorded when the recorder is built with maps="daam".
+DAAM_VARIANTS = ("all_tokens_daam", "word_tokens_daam")
+MAPS = ("negstudy", "daam")  # config attention.maps: daam adds the author's definitions beside negstudy's
+_DAAM_CHUNK = 1 << 24  # elements of upsampled maps held at once by the daam reduction
 
 # CLIP's pre-tokenisation pattern (tokenization_clip.py) without the `regex` module: BPE never
 # merges across these chunks, so a prompt's tokens are the concatenation of its chunks' tokens.
@@ -178,6 +210,57 @@ def heat_map(probs: torch.Tensor, token_slots: Sequence[int], size: tuple[int, i
     """
     w = slot_weights([token_slots], probs.shape[-1]).unsqueeze(0)
     return upsample_maps(slot_mixture(probs.unsqueeze(0), w), size)[0, 0].clamp(min=0)
+
+
+def daam_upsample(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Every head's per-slot map upsampled bicubically and clamped at 0, as the author's ``daam/trace.py``.
+
+    probs: (..., heads, N, K) on a layer grid; returns (..., heads, K, h, w) float32
+    (``F.interpolate(mode='bicubic', align_corners=False).clamp(min=0)``; a layer on the latent
+    grid itself is not resampled: bicubic at scale 1 is the identity).
+    """
+    *lead, heads, n, k = probs.shape
+    hl, wl = latent_grid(n, tuple(size))
+    x = probs.float().transpose(-1, -2).reshape(-1, k, hl, wl)
+    if (hl, wl) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False)
+    return x.clamp(min=0).reshape(*lead, heads, k, *size)
+
+
+def daam_slot_energy(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The author's per-slot strength statistic of one layer: ``sum_h mean_p clamp(bic(A_h))[p, k] ** 2``.
+
+    probs: (..., heads, N, K); returns (..., K) float32. Source: ``compute_activation_ratio`` in
+    banyuanhao/daam ``daam/trace.py`` (``heat_map.pow(2).mean()`` per (layer, head), summed per step).
+    """
+    return daam_upsample(probs, size).square().mean((-2, -1)).sum(-2)
+
+
+def daam_heat_map(layers: Sequence[torch.Tensor], token_slots: Sequence[int], size: tuple[int, int]) -> torch.Tensor:
+    """DAAM's word map of one step: the mean over EVERY (layer, head) map, then over ``token_slots``.
+
+    layers: per layer the (heads, N, K) probabilities of one image (grids and head counts may
+    differ). Each head's map is upsampled bicubically and clamped before averaging, so a layer
+    with more heads weighs more (``compute_global_heat_map`` in banyuanhao/daam ``daam/trace.py``).
+    Returns (h, w) float32.
+    """
+    maps = torch.cat([daam_upsample(p, size) for p in layers])  # (all heads, K, h, w)
+    return maps.mean(0)[list(token_slots)].mean(0)
+
+
+def _daam_reduce(probs: torch.Tensor, size: tuple[int, int], weights: torch.Tensor | None):
+    """One layer (B, heads, N, K) -> (energy (B, K), head-summed word maps (B, W, h, w) or None), in row chunks."""
+    b, heads, n, k = probs.shape
+    per_row = heads * k * size[0] * size[1]
+    rows = max(1, _DAAM_CHUNK // per_row)
+    energies, maps = [], []
+    for s in range(0, b, rows):
+        up = daam_upsample(probs[s : s + rows], size)  # (c, heads, K, h, w)
+        energies.append(up.square().mean((-2, -1)).sum(1))
+        if weights is not None:
+            summed = up.sum(1).flatten(-2)  # (c, K, h*w)
+            maps.append((weights[s : s + rows].transpose(1, 2).float() @ summed).unflatten(-1, tuple(size)))
+    return torch.cat(energies), (torch.cat(maps) if maps else None)
 
 
 def strength_ratio(neg_values, pos_values) -> np.ndarray:
@@ -327,7 +410,10 @@ class AttentionRecorder(Hook):
     """
 
     def __init__(self, unet, layers: str | Sequence[str] = "down_up", words: Sequence[str] | None = None,
-                 keep_maps: bool = True, positive_word: str | None = None):
+                 keep_maps: bool = True, positive_word: str | None = None, maps: str = "negstudy"):
+        if maps not in MAPS:
+            raise ValueError(f"maps={maps!r}: expected one of {MAPS}")
+        self.maps_kind = maps
         self.unet = unet
         self.layers = select_layers(list(unet.attn_processors), layers)
         self.words = list(words) if words is not None else None
@@ -403,6 +489,7 @@ class AttentionRecorder(Hook):
         self._energy_acc = None
         self._maps_acc = {}  # positions N of a layer grid -> (B, N, W) sum over that grid's layers
         self._weights = self._row_weights(tuple(rows)) if self.keep_maps else None
+        self._daam_energy_acc, self._daam_maps_acc, self._n_heads = None, None, 0
         self.active = True
 
     def _row_weights(self, rows: tuple[tuple[int, str], ...]) -> torch.Tensor | None:
@@ -431,6 +518,12 @@ class AttentionRecorder(Hook):
             grid = probs.shape[2]
             maps = probs.mean(1) @ self._weights  # slot_mixture, without its casts
             self._maps_acc[grid] = self._maps_acc[grid].add_(maps) if grid in self._maps_acc else maps
+        if self.maps_kind == "daam":
+            e, m = _daam_reduce(probs, self.size, self._weights)
+            self._daam_energy_acc = e if self._daam_energy_acc is None else self._daam_energy_acc.add_(e)
+            if m is not None:
+                self._daam_maps_acc = m if self._daam_maps_acc is None else self._daam_maps_acc.add_(m)
+            self._n_heads += probs.shape[1]
         self._n_layers += 1
 
     def on_step(self, state) -> None:
@@ -441,18 +534,28 @@ class AttentionRecorder(Hook):
         if self._maps_acc:
             up = sum(upsample_maps(m, self.size) for m in self._maps_acc.values())
             maps = (up / self._n_layers).clamp_(min=0).to(torch.float16)
+        daam_maps = None
+        if self._daam_maps_acc is not None:
+            daam_maps = (self._daam_maps_acc / self._n_heads).to(torch.float16)
         # kept on the device until on_end: a copy to the host here would stall the loop every step
-        self._pending.append((self._step, self._rows, self._energy_acc / (self.size[0] * self.size[1]), maps))
+        self._pending.append((self._step, self._rows, self._energy_acc / (self.size[0] * self.size[1]), maps,
+                              self._daam_energy_acc, daam_maps))
 
     def on_end(self, images) -> None:
-        for step, rows, energy, maps in self._pending:
+        for step, rows, energy, maps, daam_energy, daam_maps in self._pending:
             energy = energy.cpu()
             maps = maps.cpu() if maps is not None else None
+            daam_energy = daam_energy.cpu() if daam_energy is not None else None
+            daam_maps = daam_maps.cpu() if daam_maps is not None else None
             for j, (image, branch) in enumerate(rows):
                 self._energy[(image, branch, step)] = energy[j].clone()
                 n_words = len(self._words[(image, branch)])
                 if maps is not None and n_words:
                     self._maps[(image, branch, step)] = maps[j, :n_words].clone()
+                if daam_energy is not None:
+                    self._energy_daam[(image, branch, step)] = daam_energy[j].clone()
+                if daam_maps is not None and n_words:
+                    self._maps_daam[(image, branch, step)] = daam_maps[j, :n_words].clone()
         self._pending = []
         self.close()
 
@@ -466,6 +569,8 @@ class AttentionRecorder(Hook):
     def _clear(self) -> None:
         self._energy: dict[tuple[int, str, int], torch.Tensor] = {}
         self._maps: dict[tuple[int, str, int], torch.Tensor] = {}
+        self._energy_daam: dict[tuple[int, str, int], torch.Tensor] = {}
+        self._maps_daam: dict[tuple[int, str, int], torch.Tensor] = {}
         self._words: dict[tuple[int, str], dict[str, list[int]]] = {}
         self._ratio_slots: dict[tuple[int, str], list[int]] = {}
         self._weight_cache: dict[tuple, torch.Tensor | None] = {}
@@ -473,16 +578,20 @@ class AttentionRecorder(Hook):
 
     def nbytes(self) -> int:
         """Bytes of recorded data (maps and per-slot energies) held for the last batch."""
-        return sum(t.numel() * t.element_size() for d in (self._energy, self._maps) for t in d.values())
+        dicts = (self._energy, self._maps, self._energy_daam, self._maps_daam)
+        return sum(t.numel() * t.element_size() for d in dicts for t in d.values())
 
     def words_of(self, image: int, branch: str) -> list[str]:
         """The words whose maps are kept for this image and branch, in map order."""
         return list(self._words[(image, branch)])
 
-    def energy(self, image: int, branch: str) -> torch.Tensor:
-        """(steps, 77) per-slot statistic, NaN at steps where the branch was not computed."""
+    def energy(self, image: int, branch: str, kind: str = "negstudy") -> torch.Tensor:
+        """(steps, 77) per-slot statistic, NaN at steps where the branch was not computed.
+
+        kind: "negstudy", or "daam" (the author's definition, recorded with ``maps="daam"``).
+        """
         out = torch.full((self.n_steps, self.n_slots), float("nan"))
-        for (i, b, t), e in self._energy.items():
+        for (i, b, t), e in self._source(kind, self._energy, self._energy_daam).items():
             if i == image and b == branch:
                 out[t] = e
         return out
@@ -492,35 +601,55 @@ class AttentionRecorder(Hook):
 
         ``all_tokens``: mean of the per-slot statistic over all 77 slots. ``word_tokens``: mean over
         the negative prompt's word tokens (negative branch) or the positive word's tokens (positive
-        branch); absent for the empty branch, which has no words.
+        branch); absent for the empty branch, which has no words. With ``maps="daam"`` the same two
+        on the author's per-slot statistic: ``all_tokens_daam``, ``word_tokens_daam``.
         """
         rows = []
-        for (image, branch, step), e in sorted(self._energy.items()):
-            rows.append((image, step, branch, "all_tokens", float(e.mean())))
-            slots = self._ratio_slots[(image, branch)]
-            if slots:
-                rows.append((image, step, branch, "word_tokens", float(e[slots].mean())))
+        for suffix, source in (("", self._energy), ("_daam", self._energy_daam)):
+            for (image, branch, step), e in sorted(source.items()):
+                rows.append((image, step, branch, "all_tokens" + suffix, float(e.mean())))
+                slots = self._ratio_slots[(image, branch)]
+                if slots:
+                    rows.append((image, step, branch, "word_tokens" + suffix, float(e[slots].mean())))
         return pd.DataFrame(rows, columns=["image", "step", "branch", "variant", "value"])
 
     def strength(self, variant: str = DEFAULT_VARIANT):
         """Tidy table image, step, ratio: Ratio(t) = negative / positive (PAPER.md Figure 3)."""
-        if variant not in VARIANTS:
-            raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
+        if variant not in VARIANTS + DAAM_VARIANTS:
+            raise ValueError(f"variant={variant!r}: expected one of {VARIANTS + DAAM_VARIANTS}")
+        if variant in DAAM_VARIANTS and self.maps_kind != "daam":
+            raise ValueError(f"variant={variant!r} needs a recorder built with maps='daam'")
         t = self.ratio_table()
         t = t[t.variant == variant].pivot_table(index=["image", "step"], columns="branch", values="value")
         t = t.reindex(columns=["negative", "positive"])
         t["ratio"] = strength_ratio(t["negative"], t["positive"])
         return t.reset_index().rename_axis(columns=None)[["image", "step", "ratio"]].dropna()
 
-    def maps(self, image: int, branch: str, word: str) -> torch.Tensor:
-        """(steps, h, w) float16 map of ``word``; NaN at steps where the branch was not computed."""
+    def variants(self) -> tuple[str, ...]:
+        """The ratio variants this recorder computes."""
+        return VARIANTS + (DAAM_VARIANTS if self.maps_kind == "daam" else ())
+
+    def _source(self, kind: str, ours: dict, daam: dict) -> dict:
+        if kind not in MAPS:
+            raise ValueError(f"kind={kind!r}: expected one of {MAPS}")
+        if kind == "daam" and self.maps_kind != "daam":
+            raise ValueError("kind='daam' needs a recorder built with maps='daam'")
+        return daam if kind == "daam" else ours
+
+    def maps(self, image: int, branch: str, word: str, kind: str = "negstudy") -> torch.Tensor:
+        """(steps, h, w) float16 map of ``word``; NaN at steps where the branch was not computed.
+
+        kind: "negstudy" (heads, then layers, bilinear) or "daam" (every (layer, head) map alike,
+        bicubic, clamped per head; recorded with ``maps="daam"``).
+        """
+        source = self._source(kind, self._maps, self._maps_daam)
         words = self._words.get((image, branch), {})
         key = " ".join(_chunks(word))
         index = {" ".join(_chunks(w)): j for j, w in enumerate(words)}
         if key not in index:
             raise KeyError(f"no map of {word!r} for image {image}, branch {branch}; kept: {list(words)}")
         out = torch.full((self.n_steps, *self.size), float("nan"), dtype=torch.float16)
-        for (i, b, t), m in self._maps.items():
+        for (i, b, t), m in source.items():
             if i == image and b == branch:
                 out[t] = m[index[key]]
         return out

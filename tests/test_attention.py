@@ -10,6 +10,9 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from negstudy.attention import (
     AttentionRecorder,
+    daam_heat_map,
+    daam_slot_energy,
+    daam_upsample,
     heat_map,
     iou,
     latent_grid,
@@ -237,3 +240,92 @@ def test_a_positive_word_missing_from_the_prompt_is_an_error_and_installs_nothin
     with pytest.raises(ValueError, match="'zebra' is not in prompt"):
         sampler.generate(Batch(PROMPTS[:1], NEGS[:1], [0], [Always().plan(sampler.n_calls)]), [rec])
     assert all(pipe.unet.attn_processors[k] is before[k] for k in before)
+
+
+# ----------------------------------------------------------------------------- the author's definitions (maps="daam")
+
+# 1-D bicubic (Keys, A = -0.75, align_corners=False, border samples repeated) weights of the first of
+# 2 samples at the 4 output positions (source coords -0.25, 0.25, 0.75, 1.25), computed by hand:
+# e.g. at -0.25 the taps -2, -1, 0, 1 weigh w(1.75) + w(0.75) + w(0.25) = 1.10546875 on sample 0
+BICUBIC_FIRST = torch.tensor([1.10546875, 0.7734375, 0.2265625, -0.10546875])
+
+
+def test_daam_slot_energy_hand_example():
+    # one head, a 2x2 layer, slot 0 = [[1, 0], [0, 0]]; latents 4x4
+    probs = torch.zeros(1, 4, 2)
+    probs[0, 0, 0] = 1.0
+    probs[0, :, 1] = 0.5
+    m = BICUBIC_FIRST
+    up = torch.outer(m, m)  # bicubic overshoots to 1.22 and undershoots to -0.117: clamped at 0
+    torch.testing.assert_close(daam_upsample(probs[None], (4, 4))[0, 0, 0], up.clamp(min=0))
+    p, q = float((m[:3] ** 2).sum()), float(m[3] ** 2)
+    daam = daam_slot_energy(probs, (4, 4))
+    assert daam[0].item() == pytest.approx((p * p + q * q) / 16, rel=1e-6)  # clamped: cross terms m_3 m_i < 0 dropped
+    assert daam[1].item() == pytest.approx(0.25)  # a constant map stays constant under bicubic too
+    ours = slot_energy(probs, (4, 4))[0].item()  # bilinear: 1.625^2 / 16 = 0.1650
+    assert ours == pytest.approx(1.625**2 / 16)
+    assert daam[0].item() == pytest.approx(0.2189, abs=1e-4) and abs(daam[0].item() - ours) > 0.05
+    assert (p + q) ** 2 / 16 != pytest.approx(daam[0].item())  # not clamping would give another number
+    torch.testing.assert_close(daam_slot_energy(probs, (2, 2)), slot_energy(probs, (2, 2)))  # no resampling: equal
+
+
+def test_daam_heat_map_weights_every_head_alike():
+    # layer A: 1 head on the 4x4 latent grid, word slot 1 = 0.9 everywhere;
+    # layer B: 3 heads on a 2x2 grid, slot 1 = 0.3, 0.3, 0.0 (constant maps: the kernel does not matter)
+    a = torch.zeros(1, 16, 3)
+    a[0, :, 1] = 0.9
+    b = torch.zeros(3, 4, 3)
+    b[0, :, 1], b[1, :, 1] = 0.3, 0.3
+    ours = (heat_map(a, [1], (4, 4)) + heat_map(b, [1], (4, 4))) / 2  # heads, then layers: (0.9 + 0.2) / 2
+    torch.testing.assert_close(ours, torch.full((4, 4), 0.55))
+    daam = daam_heat_map([a, b], [1], (4, 4))  # every (layer, head) map alike: (0.9 + 0.3 + 0.3 + 0) / 4
+    torch.testing.assert_close(daam, torch.full((4, 4), 0.375))
+    # sub-word tokens: the mean of the clamped token maps
+    b[:, :, 2] = 0.1
+    torch.testing.assert_close(daam_heat_map([b], [1, 2], (4, 4)), torch.full((4, 4), (0.2 + 0.1) / 2))
+
+
+def test_recorder_daam_matches_probabilities_and_keeps_negstudy_values(pipe):
+    """maps='daam' on the 8x8 mid block (bicubic upsampling to 16x16): the recorder against the layer's
+    own probabilities, and negstudy's values bit-identical to a recorder without it."""
+    sampler = NegativeSampler(pipe, steps=2, three_branches=True)
+    name = "mid_block.attentions.0.transformer_blocks.0.attn2.processor"
+    attn = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn2
+    seen = []
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: seen.append((a[0], kw["encoder_hidden_states"])),
+                                            with_kwargs=True)
+    batch = Batch(PROMPTS[:1], NEGS[:1], [3], [Always().plan(sampler.n_calls)])
+    rec = AttentionRecorder(pipe.unet, layers=[name], words=["cat"], maps="daam")
+    plain = AttentionRecorder(pipe.unet, layers=[name], words=["cat"])
+    try:
+        sampler.generate(batch, [rec])
+    finally:
+        handle.remove()
+    sampler.generate(batch, [plain])
+    x, ctx = seen[0]
+    q = attn.to_q(x).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+    k = attn.to_k(ctx).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+    probs = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+    size = sampler.latent_shape[1:]
+    for j, branch in enumerate(("negative", "empty", "positive")):
+        torch.testing.assert_close(rec.energy(0, branch, "daam")[0], daam_slot_energy(probs[j], size), rtol=1e-4, atol=1e-8)
+        assert torch.equal(rec.energy(0, branch), plain.energy(0, branch))
+    torch.testing.assert_close(rec.maps(0, "positive", "cat", kind="daam")[0].float(),
+                               daam_heat_map([probs[2]], [2], size), rtol=2e-3, atol=1e-4)
+    assert torch.equal(rec.maps(0, "positive", "cat"), plain.maps(0, "positive", "cat"))
+    assert not torch.allclose(rec.maps(0, "positive", "cat", kind="daam").float(), rec.maps(0, "positive", "cat").float())
+    table = rec.ratio_table()
+    assert set(table.variant) == {"all_tokens", "word_tokens", "all_tokens_daam", "word_tokens_daam"}
+    assert set(plain.ratio_table().variant) == {"all_tokens", "word_tokens"}
+    pd_ours = table[table.variant.isin(["all_tokens", "word_tokens"])].reset_index(drop=True)
+    assert pd_ours.equals(plain.ratio_table())
+    s = rec.strength("all_tokens_daam")
+    e = {b: rec.energy(0, b, "daam").mean(1).numpy() for b in ("negative", "positive")}
+    np.testing.assert_allclose(s.ratio, e["negative"] / e["positive"], rtol=1e-6)
+    assert rec.variants() == ("all_tokens", "word_tokens", "all_tokens_daam", "word_tokens_daam")
+    with pytest.raises(ValueError, match="maps='daam'"):
+        plain.strength("all_tokens_daam")
+    with pytest.raises(ValueError, match="maps='daam'"):
+        plain.maps(0, "positive", "cat", kind="daam")
+    with pytest.raises(ValueError, match="maps='bicubic'"):
+        AttentionRecorder(pipe.unet, maps="bicubic")
