@@ -88,6 +88,19 @@ STRIPE_RATIO_THRESHOLD = 0.9  # background brightness, stripe rows / other rows
 BLUR_STEP_THRESHOLD = 0.35  # median edge drop in t: sharp 1, world blur 0.2-0.28
 MIN_SHAPE_IOU = 0.6  # below: shape "unknown"
 
+# Margins: a decision whose measured value lies within its margin of the threshold is UNSURE
+# (see "Margins and unsure" in the module docstring). Sized so that a +-1 grey-level change
+# of any pixel (what differs between CPU kinds and thread counts) cannot cross a whole band.
+PIXEL_T_MARGIN = 0.06  # on the mixture coordinate t of a pixel (threshold 0.5)
+PIXEL_DIST_MARGIN = 8.0  # palette units, on the distance to a segment and to the next one
+BACKGROUND_OFFSET_MARGIN = 6.0  # on the offset |j| (threshold BACKGROUND_MAX_OFFSET)
+FIT_MARGIN = 150.0  # fit-cost units: a runner-up hypothesis this close is read too
+NOISE_STD_MARGIN = 1.5
+STRIPE_RATIO_MARGIN = 0.02
+BLUR_STEP_MARGIN = 0.05
+NONE = "none"  # a decision's value when none of the classes applies
+UNSURE = "unsure"
+
 BG_LABEL = len(OBJ_NAMES)  # label of background pixels (objects are 0..4)
 UNKNOWN_LABEL = -1
 _CHUNK = 128  # images per vectorised chunk (bounds memory to ~100 MB)
@@ -97,12 +110,16 @@ _CHUNK = 128  # images per vectorised chunk (bounds memory to ~100 MB)
 class Verdict:
     """What the oracle reads from one image.
 
-    background: background class, or None if nothing fits (never for world images).
-    objects: present object name -> bool (32, 32) mask (biggest connected blob).
-    attribute: one of ATTRIBUTES or None.
+    background: background class, or None if nothing fits (never for world images) or unsure.
+    objects: surely present object name -> bool (32, 32) mask (biggest connected blob).
+    attribute: one of ATTRIBUTES or None (no attribute, or unsure).
+    unsure: the decisions the oracle cannot make within its margins: object names,
+        "background", "attribute". Tables should count these and leave them out of rates.
+    candidates: unsure object name -> mask of the blob the plain rule found, if any.
     shapes: present object name -> "disc" | "square" | "triangle" | "diamond" | "unknown".
     diagnostics: measured statistics: fit_cost, offset_norm (|j|, colour units),
-        noise_std, edge_step (NaN without objects), stripe_ratio, unknown_pixels.
+        noise_std, edge_step (NaN without objects), stripe_ratio, unknown_pixels, other_blobs
+        (blobs of >= MIN_AREA pixels in no world colour), fit_margin (runner-up cost - best).
     """
 
     background: str | None
@@ -110,9 +127,26 @@ class Verdict:
     attribute: str | None
     shapes: dict[str, str]
     diagnostics: dict[str, float] = field(default_factory=dict)
+    unsure: frozenset[str] = frozenset()
+    candidates: dict[str, np.ndarray] = field(default_factory=dict)
 
     def present(self, name: str) -> bool:
-        return name in self.objects
+        """True only for a surely present object (False for absent AND for unsure)."""
+        return name in self.objects and name not in self.unsure
+
+    def decision(self, name: str) -> bool | None:
+        """Object `name`: True present, False absent, None unsure."""
+        return None if name in self.unsure else name in self.objects
+
+    @property
+    def background_state(self) -> str:
+        """A background class, NONE ("none": not a world background) or UNSURE."""
+        return UNSURE if "background" in self.unsure else (self.background or NONE)
+
+    @property
+    def attribute_state(self) -> str:
+        """An attribute, NONE (no attribute) or UNSURE."""
+        return UNSURE if "attribute" in self.unsure else (self.attribute or NONE)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -258,7 +292,8 @@ def _fit(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     capped at FIT_CAP. The mixture penalty matters: without it a 'plain' hypothesis
     explains a dark image's objects perfectly as 45 % mixtures, and a 'dark' hypothesis
     explains a blurry image's edges; with it, exact colours win.
-    Returns (best hypothesis index (B,), its offset j (B, 3), its cost (B,)).
+    Returns (best hypothesis index (B,), its offset j (B, 3), its cost (B,)) and the same three
+    for the runner-up hypothesis (the decisions' margin against a close second).
     """
     n = len(p)
     ring = p[:, _RING]  # (B, R, 3)
@@ -302,24 +337,35 @@ def _fit(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         seg = np.sqrt(np.maximum(seg2, 0)) + MIX_PENALTY
         cost += np.minimum(np.minimum(np.sqrt(np.maximum(point, 0)), seg), FIT_CAP).sum(1)
     ar = np.arange(n)
-    best = sel[ar, cost.argmin(1)]
-    return best, j[ar, best], cost.min(1)
+    order = np.argsort(cost, axis=1, kind="stable")
+    best, second = sel[ar, order[:, 0]], sel[ar, order[:, 1]]
+    return best, j[ar, best], cost[ar, order[:, 0]], second, j[ar, second], cost[ar, order[:, 1]]
 
 
-def _inspect_chunk(images: np.ndarray) -> list[Verdict]:
-    """Steps 1-5 of the module docstring for uint8 (B, 32, 32, 3) images."""
-    n = len(images)
+def _biggest_areas(masks: np.ndarray) -> np.ndarray:
+    """masks bool (B, K, H, W) -> int (B, K): pixels in the biggest 4-connected blob of each mask."""
+    b, k, h, w = masks.shape
+    flat = masks.reshape(b * k, h, w)
+    comp = connected_components(np.zeros(flat.shape, np.int32), flat)
+    key = (np.arange(b * k)[:, None, None] * (h * w) + comp)[flat]
+    areas = np.bincount(key, minlength=b * k * h * w).reshape(b * k, h * w)
+    return areas.max(1).reshape(b, k)
+
+
+def _read(raw: np.ndarray, med: np.ndarray, hyp: np.ndarray, j: np.ndarray) -> list[dict]:
+    """Steps 2-5 of the module docstring under one hypothesis per image.
+
+    raw, med: float32 (B, 32, 32, 3) image and its 3x3 median; hyp (B,) hypothesis indices,
+    j (B, 3) their offsets. Returns per image a dict: background / attribute (a class, NONE or
+    UNSURE), objects {name: True | False | None (unsure)}, masks {name: bool (32, 32)} of the
+    blobs found by the plain rule, and the diagnostics.
+    """
+    n = len(raw)
     r = RESOLUTION
-    raw = images.astype(np.float32)  # (B, 32, 32, 3)
-    # The 3x3 median removes noise and stray pixels but keeps the 2-row stripes (a window
-    # always holds 6 pixels of the centre's row pair), so the fit runs on it.
-    med = _median3x3(raw)
-    p = raw.reshape(n, r * r, 3)
-    hyp, j, cost = _fit(med.reshape(n, r * r, 3))
     bg_idx = np.array([_HYP[h][0] for h in hyp])
     mode_idx = np.array([_HYP[h][1] for h in hyp])
     gain = _GAINS[mode_idx]  # (B, 32)
-    q = (p.reshape(n, r, r, 3) - j[:, None, None]) / gain[:, :, None, None]  # palette space
+    q = (raw - j[:, None, None]) / gain[:, :, None, None]  # palette space
     q = q.reshape(n, r * r, 3)
 
     # Nearest background->object segment per pixel.
@@ -329,12 +375,22 @@ def _inspect_chunk(images: np.ndarray) -> list[Verdict]:
     proj = np.einsum("bpi,bki->bpk", qb, d_vec)
     dd = (d_vec**2).sum(-1)[:, None]  # (B, 1, 5)
     t = np.clip(proj / dd, 0.0, 1.0)
-    dist2 = np.maximum((qb**2).sum(-1)[..., None] - 2 * t * proj + t * t * dd, 0.0)
-    k = dist2.argmin(-1)  # (B, P)
+    dist = np.sqrt(np.maximum((qb**2).sum(-1)[..., None] - 2 * t * proj + t * t * dd, 0.0))  # (B, P, 5)
+    k = dist.argmin(-1)  # (B, P)
     tk = np.take_along_axis(t, k[..., None], -1)[..., 0]
-    dk = np.sqrt(np.take_along_axis(dist2, k[..., None], -1)[..., 0])
+    dk = np.take_along_axis(dist, k[..., None], -1)[..., 0]
     labels = np.where(tk > 0.5, k, BG_LABEL)
     labels = np.where(dk > SEGMENT_DIST, UNKNOWN_LABEL, labels).reshape(n, r, r)
+
+    # The same rule with margins (step 4): a pixel is surely object o if it passes every test by
+    # the pixel margins, possibly o if it fails none by more than them. An object is present if
+    # its surely-o blob reaches MIN_AREA, absent if its possibly-o blob does not, else unsure; a
+    # +-1 grey-level change moves no pixel across both margins, so it flips no decision outright.
+    others = np.where(np.eye(len(OBJ_NAMES), dtype=bool)[None, None], np.inf, dist[..., None, :]).min(-1)
+    sure = (t > 0.5 + PIXEL_T_MARGIN) & (dist < SEGMENT_DIST - PIXEL_DIST_MARGIN) & (dist + PIXEL_DIST_MARGIN < others)
+    maybe = (t > 0.5 - PIXEL_T_MARGIN) & (dist < SEGMENT_DIST + PIXEL_DIST_MARGIN) & (dist <= others + PIXEL_DIST_MARGIN)
+    to_maps = lambda m: m.transpose(0, 2, 1).reshape(n, len(OBJ_NAMES), r, r)  # noqa: E731
+    area_sure, area_maybe = np.split(_biggest_areas(np.concatenate([to_maps(sure), to_maps(maybe)], 1)), 2, axis=1)
 
     # Relabel pixels that share their label with none of their 8 neighbours.
     nb = np.stack([_shift(labels, dy, dx, -99) for dy, dx in _N8], axis=-1)  # (B, H, W, 8)
@@ -344,7 +400,7 @@ def _inspect_chunk(images: np.ndarray) -> list[Verdict]:
         majority = votes.argmax(-1) - 1
         labels = np.where(lonely, majority, labels)
 
-    # Objects: biggest 4-connected blob per object label.
+    # Objects: biggest 4-connected blob per object label; blobs of unknown colour counted.
     is_obj = (labels >= 0) & (labels < BG_LABEL)
     comp = connected_components(labels, is_obj)
     key = (np.arange(n)[:, None, None] * (r * r) + comp)[is_obj]
@@ -361,6 +417,10 @@ def _inspect_chunk(images: np.ndarray) -> list[Verdict]:
             m = comp[rep_img[i]] == rep_pix[i]
             found[rep_img[i]][name] = m
             obj_lab[rep_img[i]][m] = rep_cls[i]
+    is_unknown = labels == UNKNOWN_LABEL
+    unk = connected_components(np.zeros(labels.shape, np.int32), is_unknown)
+    unk_areas = np.bincount((np.arange(n)[:, None, None] * (r * r) + unk)[is_unknown], minlength=n * r * r)
+    other_blobs = (unk_areas.reshape(n, r * r) >= MIN_AREA).sum(1)
 
     # Edge sharpness: across each 4-neighbour pair (kept-object pixel, background pixel),
     # the drop of the mixture coordinate t along that object's segment. A hard edge drops
@@ -397,39 +457,111 @@ def _inspect_chunk(images: np.ndarray) -> list[Verdict]:
 
     out = []
     for i in range(n):
-        objs = found[i]
         res_i = resid[i][interior[i]]  # (K, 3)
         # Robust (MAD) std per channel; the max over channels, because a channel clipped
         # at 0 or 255 (e.g. 'night' red/green pushed down) shows no noise at all.
         noise = float(1.4826 * np.median(res_i, axis=0).max()) if len(res_i) >= 30 else float("nan")
-        mode = MODES[mode_idx[i]]
-        if mode != "plain":
-            attribute = mode
-        elif stripe_ratio[i] < STRIPE_RATIO_THRESHOLD:
-            attribute = "striped"  # weaker or softened stripes than the world's 0.7
-        elif noise > NOISE_STD_THRESHOLD:
-            attribute = "noisy"
-        elif edge_step[i] < BLUR_STEP_THRESHOLD:  # False for NaN (no objects: undecidable)
-            attribute = "blurry"
-        else:
-            attribute = None
-        assert attribute is None or attribute in ATTRIBUTES
+        offset = float(np.linalg.norm(j[i]))
+        objects = {}
+        for c, name in enumerate(OBJ_NAMES):
+            if area_sure[i, c] >= MIN_AREA and name in found[i]:
+                objects[name] = True
+            elif area_maybe[i, c] < MIN_AREA and name not in found[i]:
+                objects[name] = False
+            else:
+                objects[name] = None
         out.append(
-            Verdict(
-                background=BG_NAMES[bg_idx[i]] if np.linalg.norm(j[i]) <= BACKGROUND_MAX_OFFSET else None,
-                objects=objs,
-                attribute=attribute,
-                shapes={
-                    name: classify_shape(m, attribute == "blurry", OBJECTS[name].shape) for name, m in objs.items()
-                },
-                diagnostics={
-                    "fit_cost": float(cost[i]),
-                    "offset_norm": float(np.linalg.norm(j[i])),
+            {
+                "background": _band(offset, BACKGROUND_MAX_OFFSET, BACKGROUND_OFFSET_MARGIN, BG_NAMES[bg_idx[i]], NONE),
+                "attribute": _attribute(MODES[mode_idx[i]], stripe_ratio[i], noise, edge_step[i]),
+                "objects": objects,
+                "masks": found[i],
+                "diagnostics": {
+                    "offset_norm": offset,
                     "noise_std": noise,
                     "edge_step": float(edge_step[i]),
                     "stripe_ratio": float(stripe_ratio[i]),
                     "unknown_pixels": float(np.count_nonzero(labels[i] == UNKNOWN_LABEL)),
+                    "other_blobs": float(other_blobs[i]),
                 },
+            }
+        )
+    return out
+
+
+def _band(x: float, threshold: float, margin: float, below: str, above: str) -> str:
+    """`below` if x < threshold - margin, `above` if x > threshold + margin, else UNSURE."""
+    if x < threshold - margin:
+        return below
+    if x > threshold + margin:
+        return above
+    return UNSURE
+
+
+def _attribute(mode: str, stripe_ratio: float, noise: float, edge_step: float) -> str:
+    """Step 5 with an unsure band around each threshold; NONE if no attribute (or undecidable)."""
+    if mode != "plain":
+        return mode
+    # The tests run in order; the first one that is not a clear "no" decides.
+    for value, threshold, margin, name, low_is_yes in (
+        (stripe_ratio, STRIPE_RATIO_THRESHOLD, STRIPE_RATIO_MARGIN, "striped", True),
+        (noise, NOISE_STD_THRESHOLD, NOISE_STD_MARGIN, "noisy", False),
+        (edge_step, BLUR_STEP_THRESHOLD, BLUR_STEP_MARGIN, "blurry", True),
+    ):
+        if np.isnan(value):  # no interior background (noise) or no objects (blur): undecidable
+            continue
+        yes, no = (name, "no") if low_is_yes else ("no", name)
+        state = _band(value, threshold, margin, yes, no)
+        if state != "no":
+            return state
+    return NONE
+
+
+def _merge(a: str | bool | None, b: str | bool | None):
+    """One decision read under two hypotheses: kept if both agree, else unsure."""
+    if a == b:
+        return a
+    return UNSURE if isinstance(a, str) or isinstance(b, str) else None
+
+
+def _inspect_chunk(images: np.ndarray) -> list[Verdict]:
+    """Steps 1-5 of the module docstring for uint8 (B, 32, 32, 3) images."""
+    n = len(images)
+    r = RESOLUTION
+    raw = images.astype(np.float32)  # (B, 32, 32, 3)
+    # The 3x3 median removes noise and stray pixels but keeps the 2-row stripes (a window
+    # always holds 6 pixels of the centre's row pair), so the fit runs on it.
+    med = _median3x3(raw)
+    hyp, j, cost, hyp2, j2, cost2 = _fit(med.reshape(n, r * r, 3))
+    readings = _read(raw, med, hyp, j)
+    # A runner-up hypothesis within FIT_MARGIN of the best is read too: decisions on which the
+    # two readings differ are unsure (the choice between them is within the machine's noise).
+    close = np.flatnonzero(cost2 - cost < FIT_MARGIN)
+    seconds = dict(zip(close, _read(raw[close], med[close], hyp2[close], j2[close]))) if len(close) else {}
+
+    out = []
+    for i in range(n):
+        rd = readings[i]
+        background, attribute, objects = rd["background"], rd["attribute"], dict(rd["objects"])
+        if i in seconds:
+            alt = seconds[i]
+            background = _merge(background, alt["background"])
+            attribute = _merge(attribute, alt["attribute"])
+            objects = {o: _merge(objects[o], alt["objects"][o]) for o in OBJ_NAMES}
+        unsure = {o for o, s in objects.items() if s is None}
+        unsure |= {name for name, s in (("background", background), ("attribute", attribute)) if s == UNSURE}
+        masks = rd["masks"]
+        present = {o: masks[o] for o, s in objects.items() if s}
+        shape_blur = attribute == "blurry"
+        out.append(
+            Verdict(
+                background=background if background in BG_NAMES else None,
+                objects=present,
+                attribute=attribute if attribute in ATTRIBUTES else None,
+                shapes={name: classify_shape(m, shape_blur, OBJECTS[name].shape) for name, m in present.items()},
+                diagnostics={"fit_cost": float(cost[i]), "fit_margin": float(cost2[i] - cost[i]), **rd["diagnostics"]},
+                unsure=frozenset(unsure),
+                candidates={o: masks[o] for o in unsure if o in masks},
             )
         )
     return out
