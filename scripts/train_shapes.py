@@ -8,6 +8,11 @@ repeated). The result is exported (EMA weights) as a diffusers-format directory 
 a Stable Diffusion checkpoint, `<out>/model/`, with unet/, text_encoder/, tokenizer/,
 scheduler/ (Stable Diffusion 2 base's PNDM config) and model_index.json.
 
+Data: by default (`--data torch`) the world is sampled, rendered and tokenised in torch on the
+training device (`negstudy.shapes.render_torch`: the same distribution as the reference
+`world.py`, pixel-exact for the same scenes), a chunk of `--chunk-size` images at a time;
+`--data workers` keeps the older path (world.py in worker processes).
+
 Budget-driven: `--minutes` (total training wall time, default 85) and/or `--steps` (total
 optimizer steps). Both count over the whole run, resumed sessions included; the cosine decay of
 the learning rate follows whichever budget is closer to exhaustion. `<out>/checkpoint/` is
@@ -19,10 +24,28 @@ Examples:
     python scripts/train_shapes.py --out runs/shapes --resume --minutes 120
     python scripts/train_shapes.py --out /tmp/t --steps 3 --batch-size 4 --device cpu \\
         --unet-channels 32,32,32 --text-layers 1 --text-width 32 --chunk-size 64
+    # the GPU recipe (scripts/gpu_train.sh): a compact copy for a size-limited output folder,
+    # then, on another machine, the full diffusers directory rebuilt from it
+    python scripts/train_shapes.py --out /tmp/run --package $OUT --minutes 8 --batch-size 2048 \\
+        --lr-scaling sqrt --offset-noise 0.2 --unet-channels 32,64,128 --sample 64
+    python scripts/train_shapes.py --assemble path/to/package --out runs/shapes-next/model
 
-Imports only torch, numpy, tqdm, diffusers, transformers, the standard library and
-negstudy.shapes.world / negstudy.tokenizer, so it runs wherever those exist (e.g. diffusers on
-PYTHONPATH on a GPU machine).
+Noise schedule (the background-colour cure): Stable Diffusion's scaled-linear betas leave
+sqrt(abar) = 0.087 of the image in x_t at the first sampled timestep (958: PNDM, 30 steps,
+leading spacing, steps_offset 1), and a 32x32 image's per-channel mean is then readable through
+the noise (the mean of 1024 noise pixels has std 0.031), so an epsilon model trained without a
+cure takes its background colour from the random mean of x_T. `--offset-noise S` (default 0.1)
+adds a per-image, per-channel N(0, S^2) constant to the training noise, which hides that mean;
+the exported scheduler stays byte-identical to SD2's, so every step index has SD's timestep AND
+SD's noise level. `--zero-snr` (v-prediction on betas rescaled to zero terminal SNR) is offered
+too; it keeps the 31 calls and their timesteps (the PNDM config carries the rescaled betas as
+trained_betas) but changes the noise level at every step index, and with leading spacing it
+never samples t = 999, so at t = 958 sqrt(abar) is still 0.020 and the leak is only reduced.
+
+Imports only torch, numpy, tqdm, safetensors, diffusers, transformers, pandas/PIL (through
+negstudy.records), the standard library and negstudy's world / tokenizer / records modules, so it
+runs from a plain copy of the repository wherever those exist (e.g. diffusers on PYTHONPATH on a
+GPU machine: scripts/gpu_train.sh).
 """
 
 from __future__ import annotations
@@ -32,6 +55,7 @@ import copy
 import json
 import math
 import os
+import platform
 import random
 import shutil
 import struct
@@ -56,7 +80,7 @@ import diffusers  # noqa: E402
 from diffusers import DDPMScheduler, PNDMScheduler, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-from negstudy.records import find_checkpoint, fresh_tmp_dir, replace_dir, write_csv  # noqa: E402
+from negstudy.records import atomic_path, find_checkpoint, fresh_tmp_dir, replace_dir, write_csv  # noqa: E402
 
 MAX_LEN = 77
 BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -66,6 +90,9 @@ EMA_DECAY = 0.999
 WARMUP_STEPS = 500
 LR_FLOOR = 0.1  # cosine decays to 10 % of the peak
 SAMPLE_SEED = 1_000_003  # world seed of the fixed sample captions (never a training seed in practice)
+LOG_HEADER = ["step", "loss", "lr", "elapsed_s", "loss_window"]
+# the files a --package directory holds (a size-limited output folder: <= 8 files, flat)
+PACKAGE_FILES = ("unet.safetensors", "text_encoder.safetensors", "training_log.csv", "meta.json", "samples.png")
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,7 +101,13 @@ SAMPLE_SEED = 1_000_003  # world seed of the fixed sample captions (never a trai
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, type=Path, help="output directory (checkpoint/, model/, tokenizer/, samples.png)")
+    p.add_argument("--out", required=True, type=Path, help="output directory (checkpoint/, model/, tokenizer/, samples.png); "
+                   "with --assemble: the model directory to write")
+    p.add_argument("--assemble", type=Path, default=None, metavar="PKG",
+                   help="no training: rebuild a full diffusers model directory at --out from a --package directory")
+    p.add_argument("--package", type=Path, default=None, metavar="DIR",
+                   help="at every save, also write a compact copy to DIR (flat, 5 files: " + ", ".join(PACKAGE_FILES) +
+                        "); --assemble rebuilds the model from it")
     p.add_argument("--minutes", type=float, default=85.0, help="total training wall-time budget in minutes, resumed sessions included (<= 0: none; default 85)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: no step limit)")
     p.add_argument("--batch-size", type=int, default=None, help="default 64 on CPU, 256 on CUDA")
@@ -85,7 +118,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--export-dtype", choices=("fp16", "fp32"), default="fp16", help="dtype of the exported unet/ and text_encoder/ weights")
     p.add_argument("--sample", type=int, default=0, metavar="N", help="at the end, write a grid of N samples to <out>/samples.png (30 PNDM steps, CFG 7.5)")
     # optimisation
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate at --lr-base-batch (see --lr-scaling)")
+    p.add_argument("--lr-scaling", choices=("none", "sqrt", "linear"), default="none",
+                   help="scale --lr by (batch / --lr-base-batch)^(1/2 or 1): sqrt is the usual rule for Adam")
+    p.add_argument("--lr-base-batch", type=int, default=512, help="the batch size --lr was tuned at (the shipped model's)")
     p.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
@@ -93,6 +129,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offset-noise", type=float, default=0.1,
                    help="std of a per-image, per-channel constant added to the training noise (offset noise): without it a "
                         "32x32 pixel model reads the image mean colour from x_T and drifts to off-palette backgrounds")
+    p.add_argument("--zero-snr", action="store_true",
+                   help="train v-prediction on betas rescaled to zero terminal SNR; the exported PNDM keeps SD2's timesteps "
+                        "and carries the rescaled betas (default off: offset noise is the cure, see the module docstring)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start a fresh run from the weights of an exported model directory (fine-tuning; same architecture)")
     p.add_argument("--p-uncond", type=float, default=P_UNCOND, help="probability of replacing the caption by \"\" (CFG dropout)")
@@ -108,13 +147,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-heads", type=int, default=4)
     p.add_argument("--text-ffn", type=int, default=None, help="CLIP intermediate size (default 4 x width)")
     # data / throughput
+    p.add_argument("--data", choices=("torch", "workers"), default="torch",
+                   help="torch: render on the training device (negstudy.shapes.render_torch); workers: world.py in processes")
     p.add_argument("--chunk-size", type=int, default=50_000, help="images per data chunk (fresh world seed per chunk)")
     p.add_argument("--part-size", type=int, default=5_000, help="images per generation job inside a chunk")
     p.add_argument("--data-workers", type=int, default=None, help="processes generating data (0: one background thread; default: min(8, cpus-2) on CUDA, 0 on CPU)")
     p.add_argument("--world-kwargs", default="{}", help="JSON dict of extra keyword arguments for sample_dataset")
     p.add_argument("--log-every", type=int, default=50, help="steps between progress-bar/log updates (one host sync each)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (unverified speed-up; off by default)")
+    p.add_argument("--text-dedup", choices=("auto", "off"), default="auto",
+                   help="auto: run the text encoder once per distinct caption of the chunk when there are fewer distinct "
+                        "captions than the batch (the world has ~1.7k; exact, same gradients), else per sample")
     args = p.parse_args(argv)
+    if args.assemble is not None:
+        return args
     if (args.minutes is None or args.minutes <= 0) and args.steps is None:
         p.error("give --steps or a positive --minutes")
     return args
@@ -173,14 +219,31 @@ def build_models(cfg: dict):
     return unet, text
 
 
-def training_scheduler() -> DDPMScheduler:
+def training_scheduler(zero_snr: bool = False) -> DDPMScheduler:
+    if zero_snr:
+        return DDPMScheduler(**BETAS, prediction_type="v_prediction", clip_sample=False, rescale_betas_zero_snr=True)
     return DDPMScheduler(**BETAS, prediction_type="epsilon", clip_sample=False)
 
 
-def inference_scheduler() -> PNDMScheduler:
-    # exactly Stable Diffusion 2 base's scheduler_config.json
+def inference_scheduler(zero_snr: bool = False) -> PNDMScheduler:
+    """Stable Diffusion 2 base's scheduler_config.json exactly (30 steps = 31 UNet calls at timesteps
+    958, 925, 925, 892, ..., 1: leading spacing, steps_offset 1, skip_prk_steps).
+
+    zero_snr: the same timesteps and calls, v-prediction, and the zero-terminal-SNR betas of
+    training_scheduler(True) as trained_betas (PNDM has no rescale option; its set_timesteps does
+    not read the betas, and its leading timesteps never reach t = 999, where abar = 0)."""
+    if zero_snr:
+        betas = training_scheduler(True).betas.tolist()
+        return PNDMScheduler(**BETAS, trained_betas=betas, prediction_type="v_prediction", skip_prk_steps=True,
+                             steps_offset=1, set_alpha_to_one=False)
     return PNDMScheduler(**BETAS, prediction_type="epsilon", skip_prk_steps=True, steps_offset=1,
                          set_alpha_to_one=False)
+
+
+def scaled_lr(args) -> float:
+    """--lr scaled from --lr-base-batch to --batch-size by --lr-scaling."""
+    power = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[args.lr_scaling]
+    return args.lr * (args.batch_size / args.lr_base_batch) ** power
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -299,7 +362,7 @@ def save_checkpoint(out: Path, state: dict, log_rows: list[list]):
     final = out / "checkpoint"
     tmp = fresh_tmp_dir(final)
     torch.save(state, tmp / "state.pt")
-    write_csv(tmp / "training_log.csv", ["step", "loss", "lr", "elapsed_s", "loss_window"], log_rows)
+    write_csv(tmp / "training_log.csv", LOG_HEADER, log_rows)
     (tmp / "progress.json").write_text(json.dumps({k: state[k] for k in ("step", "elapsed", "chunk", "pos")}, indent=1))
     replace_dir(tmp, final)
 
@@ -316,14 +379,15 @@ def cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return m
 
 
-def export_model(out: Path, ema: EMA, dtype: torch.dtype, meta: dict, log_rows: list[list]):
-    final = out / "model"
+def write_model_dir(final: Path, unet, text, dtype: torch.dtype, meta: dict, log_rows: list[list],
+                    tokenizer_dir: Path, zero_snr: bool = False):
+    """The diffusers directory (unet/, text_encoder/, tokenizer/, scheduler/, model_index.json,
+    training_log.csv), written beside `final` and moved onto it at the end."""
     tmp = fresh_tmp_dir(final)
-    unet, text = ema.shadow
     cast_copy(unet, dtype).save_pretrained(tmp / "unet", safe_serialization=True)
     cast_copy(text, dtype).save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    shutil.copytree(out / "tokenizer", tmp / "tokenizer")
-    inference_scheduler().save_pretrained(tmp / "scheduler")
+    shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+    inference_scheduler(zero_snr).save_pretrained(tmp / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
@@ -338,8 +402,94 @@ def export_model(out: Path, ema: EMA, dtype: torch.dtype, meta: dict, log_rows: 
         "negstudy": meta,
     }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    write_csv(tmp / "training_log.csv", ["step", "loss", "lr", "elapsed_s", "loss_window"], log_rows)
+    write_csv(tmp / "training_log.csv", LOG_HEADER, log_rows)
     replace_dir(tmp, final)
+
+
+def export_model(out: Path, ema: EMA, dtype: torch.dtype, meta: dict, log_rows: list[list], zero_snr: bool = False):
+    unet, text = ema.shadow
+    write_model_dir(out / "model", unet, text, dtype, meta, log_rows, out / "tokenizer", zero_snr)
+
+
+# --------------------------------------------------------------------------------------------
+# package: the compact copy for a size-limited output folder, and its assembly
+
+
+def _save_tensors(module: torch.nn.Module, path: Path, dtype: torch.dtype):
+    from safetensors.torch import save_file
+
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp))
+
+
+def write_package(pkg: Path, ema: EMA, dtype: torch.dtype, meta: dict, log_rows: list[list]):
+    """PACKAGE_FILES minus samples.png: EMA weights as flat safetensors (state_dict keys of the
+    diffusers / transformers modules), the log, and meta.json (model_config, negstudy meta, run
+    facts). Each file is replaced atomically, so a kill leaves the previous save readable."""
+    pkg.mkdir(parents=True, exist_ok=True)
+    unet, text = ema.shadow
+    _save_tensors(unet, pkg / "unet.safetensors", dtype)
+    _save_tensors(text, pkg / "text_encoder.safetensors", dtype)
+    write_csv(pkg / "training_log.csv", LOG_HEADER, log_rows)
+    with atomic_path(pkg / "meta.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def assemble(pkg: Path, dest: Path) -> Path:
+    """Rebuild the full diffusers directory at `dest` from a --package directory: model configs
+    from meta.json, weights loaded strictly into freshly built modules, the tokenizer rebuilt from
+    the world's vocabulary (checked against the text encoder's vocab size), the scheduler from
+    inference_scheduler, and the log. Returns dest."""
+    from safetensors.torch import load_file
+
+    from negstudy.shapes.world import VOCABULARY
+    from negstudy.tokenizer import save_clip_tokenizer
+
+    pkg = Path(pkg)
+    missing = [f for f in PACKAGE_FILES[:4] if not (pkg / f).exists()]
+    if missing:
+        raise SystemExit(f"--assemble {pkg}: missing {', '.join(missing)} (a package holds {', '.join(PACKAGE_FILES)})")
+    meta = json.loads((pkg / "meta.json").read_text())
+    unet, text = build_models(meta["model_config"])
+    unet_sd = load_file(str(pkg / "unet.safetensors"))
+    dtype = next(iter(v.dtype for v in unet_sd.values() if v.is_floating_point()))
+    unet.load_state_dict(unet_sd)
+    text.load_state_dict(load_file(str(pkg / "text_encoder.safetensors")))
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tok_dir = dest.with_name(dest.name + ".tokenizer")
+    if tok_dir.exists():
+        shutil.rmtree(tok_dir)
+    tokenizer = save_clip_tokenizer(list(VOCABULARY), tok_dir, model_max_length=MAX_LEN)
+    if len(tokenizer) != text.config.vocab_size:
+        raise SystemExit(f"--assemble: the rebuilt tokenizer has {len(tokenizer)} tokens, the text encoder {text.config.vocab_size}")
+    with open(pkg / "training_log.csv", newline="") as f:
+        import csv
+
+        log_rows = list(csv.reader(f))[1:]
+    write_model_dir(dest, unet, text, dtype, meta["negstudy"], log_rows, tok_dir, bool(meta["negstudy"].get("zero_snr")))
+    shutil.rmtree(tok_dir)
+    if (pkg / "samples.png").exists():
+        shutil.copy(pkg / "samples.png", dest / "samples.png")
+    return dest
+
+
+def hardware(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    hw = {"cpu": cpu, "cpus": os.cpu_count(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+          "python": platform.python_version()}
+    if device.type == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name(device)
+        hw["cuda"] = torch.version.cuda
+    return hw
 
 
 def rng_state(device: torch.device) -> dict:
@@ -362,8 +512,10 @@ def set_rng_state(s: dict, device: torch.device):
 
 
 @torch.no_grad()
-def sample_images(unet, text, tokenizer, captions: list[str], device, seed=0, steps=30, scale=7.5) -> torch.Tensor:
-    sched = inference_scheduler()
+def sample_images(unet, text, tokenizer, captions: list[str], device, seed=0, steps=30, scale=7.5,
+                  zero_snr=False) -> torch.Tensor:
+    """uint8 (N, 32, 32, 3) samples: the shipped PNDM (30 steps = 31 UNet calls), CFG `scale`."""
+    sched = inference_scheduler(zero_snr)
     sched.set_timesteps(steps)
     n = len(captions)
     ids = tokenizer([""] * n + list(captions), padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt").input_ids.to(device)
@@ -409,10 +561,19 @@ def image_grid(images: np.ndarray, upscale=4, pad=2) -> np.ndarray:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.assemble is not None:
+        dest = assemble(args.assemble, args.out)
+        print(f"assembled {dest} from {args.assemble}", flush=True)
+        return
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     if args.batch_size is None:
         args.batch_size = 256 if cuda else 64
+    lr_given = args.lr
+    args.lr = scaled_lr(args)
+    if args.lr_scaling != "none":
+        print(f"peak lr {lr_given:g} at batch {args.lr_base_batch} -> {args.lr:.4g} at batch {args.batch_size} "
+              f"({args.lr_scaling} scaling)", flush=True)
     if args.data_workers is None:
         args.data_workers = min(8, max(1, (os.cpu_count() or 2) - 2)) if cuda else 0
     args.chunk_size = max(args.chunk_size, args.batch_size)
@@ -444,6 +605,9 @@ def main(argv=None):
             args.chunk_size, args.part_size = state["chunk_size"], state["part_size"]
         if state["batch_size"] != args.batch_size:
             print(f"note: batch size {state['batch_size']} in the checkpoint, {args.batch_size} now")
+        if state.get("zero_snr", False) != args.zero_snr:
+            print(f"note: resuming with the checkpoint's noise schedule (zero_snr={state.get('zero_snr', False)})")
+            args.zero_snr = state.get("zero_snr", False)
     else:
         if ckpt_dir is not None:
             raise SystemExit(f"{out} already holds a checkpoint: pass --resume, or choose another --out")
@@ -489,21 +653,37 @@ def main(argv=None):
         print(f"resumed from {ckpt_dir} at step {step} ({elapsed_prev / 60:.1f} min trained)", flush=True)
     fwd_unet = torch.compile(unet) if args.compile else unet
 
-    sched = training_scheduler()
+    sched = training_scheduler(args.zero_snr)
     ac = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
     sqrt_ac, sqrt_1m_ac = ac.sqrt(), (1 - ac).sqrt()
     empty_ids = tokenizer("", padding="max_length", max_length=MAX_LEN, return_tensors="pt").input_ids.to(device)
     B = args.batch_size
 
-    source = ChunkSource(args.seed, args.chunk_size, args.part_size, out / "tokenizer", world_kwargs, args.data_workers)
+    if args.data == "torch":
+        from negstudy.shapes.render_torch import CaptionTokens, make_batch
+
+        source = None
+        caption_tokens = CaptionTokens(tokenizer, MAX_LEN)
+    else:
+        source = ChunkSource(args.seed, args.chunk_size, args.part_size, out / "tokenizer", world_kwargs, args.data_workers)
 
     def load_chunk(c: int):
-        imgs, ids = source.get(c)
-        imgs = torch.from_numpy(imgs).to(device).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW, stays on device
-        return imgs, torch.from_numpy(ids).to(device=device, dtype=torch.long)
+        """Chunk c: uint8 NCHW images and (N, 77) ids on the device, plus the text encoder's inputs:
+        (rows to encode, index of each image's row, index of the empty caption's row)."""
+        if source is None:
+            gen = torch.Generator(device=device).manual_seed(part_seed(args.seed, c, 0))
+            imgs, ids = make_batch(args.chunk_size, gen, caption_tokens, **world_kwargs)
+        else:
+            imgs, ids = source.get(c)
+            imgs = torch.from_numpy(imgs).to(device).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW, stays on device
+            ids = torch.from_numpy(ids).to(device=device, dtype=torch.long)
+        rows, inverse = torch.unique(torch.cat([ids, empty_ids]), dim=0, return_inverse=True)
+        if args.text_dedup == "auto" and len(rows) < B:
+            return imgs, ids, (rows, inverse[:-1], inverse[-1])
+        return imgs, ids, None
 
     t0 = time.monotonic()
-    chunk_imgs, chunk_ids = load_chunk(chunk_idx)
+    chunk_imgs, chunk_ids, chunk_text = load_chunk(chunk_idx)
     if perm is None or pos + B > len(perm):
         perm, pos = torch.randperm(len(chunk_imgs)), 0
     perm_dev = perm.to(device)
@@ -516,7 +696,18 @@ def main(argv=None):
         return {"pixel_space": True, "resolution": int(unet.config.sample_size), "world": "shapes",
                 "train_steps": step, "train_minutes": round(elapsed() / 60, 3), "batch_size": B,
                 "device": torch.cuda.get_device_name(device) if cuda else "cpu", "seed": args.seed,
-                "offset_noise": args.offset_noise, "init_from": str(args.init_from) if args.init_from else None}
+                "offset_noise": args.offset_noise, "zero_snr": args.zero_snr, "images_seen": step * B,
+                "init_from": str(args.init_from) if args.init_from else None}
+
+    hw = hardware(device)
+
+    def package_meta(extra: dict | None = None) -> dict:
+        el = elapsed()
+        run = {"command": [Path(sys.executable).name, *sys.argv], "hardware": hw, "images_seen": step * B,
+               "train_seconds": round(el, 1), "steps_per_s": round(step / max(el, 1e-9), 3),
+               "images_per_s": round(step * B / max(el, 1e-9), 1), "peak_lr": args.lr, "data": args.data,
+               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+        return {"model_config": cfg, "negstudy": meta(), "run": run, **(extra or {})}
 
     t_start = time.monotonic()
 
@@ -529,10 +720,13 @@ def main(argv=None):
             "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed(), "lr": lr,
             "chunk": chunk_idx, "pos": pos, "perm": perm, "rng": rng_state(device),
             "log": log_rows, "loss_smooth": loss_smooth, "model_config": cfg, "seed": args.seed,
-            "chunk_size": args.chunk_size, "part_size": args.part_size, "batch_size": B, "args": vars(args) | {"out": str(out)},
+            "chunk_size": args.chunk_size, "part_size": args.part_size, "batch_size": B, "zero_snr": args.zero_snr,
+            "args": vars(args) | {"out": str(out)},
         }
         save_checkpoint(out, st, log_rows)
-        export_model(out, ema, export_dtype, meta(), log_rows)
+        export_model(out, ema, export_dtype, meta(), log_rows, args.zero_snr)
+        if args.package is not None:
+            write_package(args.package, ema, export_dtype, package_meta(), log_rows)
 
     def budget_left() -> bool:
         if args.steps is not None and step >= args.steps:
@@ -551,28 +745,32 @@ def main(argv=None):
         while budget_left():
             if pos + B > len(perm):
                 chunk_idx += 1
-                chunk_imgs, chunk_ids = load_chunk(chunk_idx)
+                chunk_imgs, chunk_ids, chunk_text = load_chunk(chunk_idx)
                 perm, pos = torch.randperm(len(chunk_imgs)), 0
                 perm_dev = perm.to(device)
             idx = perm_dev[pos: pos + B]
             pos += B
             x0 = chunk_imgs[idx].float().div_(127.5).sub_(1.0)
-            ids = chunk_ids[idx]
             drop = torch.rand(B, device=device) < args.p_uncond
-            ids = torch.where(drop[:, None], empty_ids, ids)
             noise = torch.randn_like(x0)
             if args.offset_noise:
                 noise = noise + args.offset_noise * torch.randn(B, x0.shape[1], 1, 1, device=device)
             t = torch.randint(0, len(ac), (B,), device=device)
-            xt = sqrt_ac[t].view(B, 1, 1, 1) * x0 + sqrt_1m_ac[t].view(B, 1, 1, 1) * noise
+            a_t, s_t = sqrt_ac[t].view(B, 1, 1, 1), sqrt_1m_ac[t].view(B, 1, 1, 1)
+            xt = a_t * x0 + s_t * noise
+            target = a_t * noise - s_t * x0 if args.zero_snr else noise  # v or epsilon
 
             lr = lr_at(args, step, elapsed())
             for g in optimizer.param_groups:
                 g["lr"] = lr
             with autocast:
-                cond = text(ids).last_hidden_state
+                if chunk_text is None:
+                    cond = text(torch.where(drop[:, None], empty_ids, chunk_ids[idx])).last_hidden_state
+                else:  # each distinct caption of the chunk once; the gather sums their gradients
+                    rows, inverse, empty_row = chunk_text
+                    cond = text(rows).last_hidden_state[torch.where(drop, empty_row, inverse[idx])]
                 pred = fwd_unet(xt, t, encoder_hidden_states=cond).sample
-            loss = F.mse_loss(pred.float(), noise)
+            loss = F.mse_loss(pred.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -601,10 +799,14 @@ def main(argv=None):
         print(f"\ninterrupted at step {step}; saving", flush=True)
     finally:
         bar.close()
-        source.close()
+        if source is not None:
+            source.close()
 
+    trained_s = elapsed()
+    elapsed = lambda: trained_s  # noqa: E731  (training time is final: sampling below does not count)
     save()
-    print(f"trained {step} steps in {elapsed() / 60:.2f} min ({step / max(elapsed(), 1e-9):.2f} it/s overall); "
+    print(f"trained {step} steps in {trained_s / 60:.2f} min ({step / max(trained_s, 1e-9):.2f} it/s, "
+          f"{step * B / max(trained_s, 1e-9):.0f} images/s overall; {step * B:,} images); "
           f"model exported to {out / 'model'}", flush=True)
 
     if args.sample > 0:
@@ -615,10 +817,15 @@ def main(argv=None):
         u, tx = ema.shadow
         imgs = []
         for i in range(0, len(captions), 256):
-            imgs.append(sample_images(u, tx, tokenizer, captions[i: i + 256], device, seed=args.seed + i))
+            imgs.append(sample_images(u, tx, tokenizer, captions[i: i + 256], device, seed=args.seed + i,
+                                      zero_snr=args.zero_snr))
         write_png(out / "samples.png", image_grid(torch.cat(imgs).numpy()))
         (out / "samples.txt").write_text("".join(f"{i}\t{c}\n" for i, c in enumerate(captions)))
         print(f"wrote {out / 'samples.png'} ({len(captions)} samples; captions in samples.txt, row-major)", flush=True)
+        if args.package is not None:
+            shutil.copy(out / "samples.png", args.package / "samples.png")
+            with atomic_path(args.package / "meta.json") as tmp:
+                tmp.write_text(json.dumps(package_meta({"sample_captions": captions}), indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -90,3 +90,118 @@ def test_train_export_resume_load(tmp_path):
         eps = unet(torch.randn(2, 3, 32, 32), torch.tensor([999, 10]), encoder_hidden_states=cond).sample
     assert cond.shape == (2, 77, 32)
     assert eps.shape == (2, 3, 32, 32) and torch.isfinite(eps).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU recipe's code path, in process (no interpreter start-up per run): torch-rendered data,
+# a compact package for a size-limited output folder, resume, assembly into a loadable model
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_shapes_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(120)
+def test_package_resume_assemble_load(tmp_path, monkeypatch):
+    import re
+
+    from diffusers import DiffusionPipeline
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from negstudy.config import ModelConfig, builtin_model_dir
+    from negstudy.models import load_pipeline
+
+    ts = load_script()
+    run_dir, pkg, model = tmp_path / "run", tmp_path / "pkg", tmp_path / "assembled"
+    recipe = [*TINY, "--data", "torch", "--package", str(pkg), "--lr-scaling", "sqrt", "--offset-noise", "0.2"]
+    monkeypatch.setattr(sys, "argv", ["train_shapes.py", "--out", str(run_dir), *recipe])
+    ts.main(["--out", str(run_dir), *recipe, "--steps", "3"])
+    meta = json.loads((pkg / "meta.json").read_text())
+    assert sorted(p.name for p in pkg.iterdir()) == sorted(set(ts.PACKAGE_FILES) - {"samples.png"})
+    assert meta["run"]["images_seen"] == 12 and meta["negstudy"]["train_steps"] == 3
+    assert meta["run"]["peak_lr"] == pytest.approx(5e-4 * (4 / 512) ** 0.5)
+    assert meta["negstudy"]["offset_noise"] == 0.2 and meta["negstudy"]["zero_snr"] is False
+
+    ts.main(["--out", str(run_dir), *recipe, "--steps", "5", "--resume", "--sample", "4"])
+    files = sorted(pkg.iterdir())
+    assert [p.name for p in files] == sorted(ts.PACKAGE_FILES)
+    # what a size-limited output folder accepts: <= 8 plain files, <= 16 MiB each, plain names
+    assert len(files) <= 8 and all(p.is_file() and re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in files)
+    meta = json.loads((pkg / "meta.json").read_text())
+    assert meta["negstudy"]["train_steps"] == 5 and meta["run"]["images_seen"] == 20
+    assert len(meta["sample_captions"]) == 4 and meta["run"]["hardware"]["cpus"] >= 1
+    assert [int(r["step"]) for r in read_log(pkg / "training_log.csv")] == [3, 5]
+
+    ts.main(["--assemble", str(pkg), "--out", str(model)])
+    # the assembled directory is the run's own export, file for file in the weights
+    for sub, name in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        got, want = load_file(str(model / sub / name)), load_file(str(run_dir / "model" / sub / name))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert all(v.dtype == torch.float16 for v in got.values() if v.is_floating_point())
+    assert json.loads((model / "model_index.json").read_text()) == json.loads((run_dir / "model" / "model_index.json").read_text())
+    shipped = json.loads((builtin_model_dir("shapes") / "scheduler" / "scheduler_config.json").read_text())
+    ours = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    shipped.pop("_diffusers_version"), ours.pop("_diffusers_version")
+    assert ours == shipped  # the default cure leaves Stable Diffusion 2's scheduler untouched
+
+    pipe = DiffusionPipeline.from_pretrained(str(model), vae=None, safety_checker=None, feature_extractor=None)
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.vae is None
+    pipe = load_pipeline(OmegaConf.structured(ModelConfig(name="next", path=str(model))), torch.device("cpu"))
+    ids = pipe.tokenizer(["a ball on the sand"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        eps = pipe.unet(torch.randn(1, 3, 32, 32), 958, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+    assert eps.shape == (1, 3, 32, 32) and torch.isfinite(eps).all()
+
+
+def test_assemble_names_what_a_package_lacks(tmp_path):
+    ts = load_script()
+    (tmp_path / "meta.json").write_text("{}")
+    with pytest.raises(SystemExit, match="unet.safetensors"):
+        ts.main(["--assemble", str(tmp_path), "--out", str(tmp_path / "m")])
+
+
+@pytest.mark.timeout(120)
+def test_zero_snr_keeps_the_step_index_convention(tmp_path):
+    from diffusers import PNDMScheduler
+
+    ts = load_script()
+    sd, zs = ts.inference_scheduler(False), ts.inference_scheduler(True)
+    sd.set_timesteps(30)
+    zs.set_timesteps(30)
+    assert len(sd.timesteps) == 31 and torch.equal(sd.timesteps, zs.timesteps)
+    assert sd.timesteps[0] == 958 and sd.timesteps[-1] == 1
+    assert zs.config.prediction_type == "v_prediction" and zs.config.steps_offset == 1 and zs.config.skip_prk_steps
+    train = ts.training_scheduler(True)
+    assert float(train.alphas_cumprod[-1]) < 1e-6  # zero terminal SNR (diffusers clamps to 2^-24)
+    assert float(zs.alphas_cumprod[958]) ** 0.5 == pytest.approx(0.020, abs=0.002)  # the leak it leaves at step 0
+    assert float(sd.alphas_cumprod[958]) ** 0.5 == pytest.approx(0.087, abs=0.002)
+    # one PNDM pass calls the model 31 times and stays finite
+    calls = 0
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in zs.timesteps:
+        calls += 1
+        x = zs.step(0.1 * x, t, x).prev_sample
+    assert calls == 31 and torch.isfinite(x).all()
+
+    # a tiny v-prediction run exports that scheduler, and it survives the round trip through its config
+    out = tmp_path / "run"
+    ts.main(["--out", str(out), *TINY, "--steps", "2", "--zero-snr", "--offset-noise", "0"])
+    loaded = PNDMScheduler.from_pretrained(str(out / "model"), subfolder="scheduler")
+    loaded.set_timesteps(30)
+    assert loaded.config.prediction_type == "v_prediction" and torch.equal(loaded.timesteps, sd.timesteps)
+    assert torch.allclose(loaded.alphas_cumprod, zs.alphas_cumprod)
+    assert json.loads((out / "model" / "model_index.json").read_text())["negstudy"]["zero_snr"] is True
+
+
+@pytest.mark.timeout(120)
+def test_worker_data_path_still_trains(tmp_path):
+    ts = load_script()
+    out = tmp_path / "run"
+    ts.main(["--out", str(out), *TINY, "--steps", "2", "--data", "workers", "--data-workers", "0"])
+    assert json.loads((out / "checkpoint" / "progress.json").read_text())["step"] == 2
