@@ -6,9 +6,27 @@ arrays (seeds, steps).
 
 Rules:
 - object negatives (nouns): the strength ratio peaks early -> :func:`peak_step`;
-- attribute negatives (adjectives): the ratio starts below 1 and crosses it for good ->
-  :func:`crossing_step`;
+- attribute negatives (adjectives): the ratio starts below 1 and crosses it -> :func:`attribute_step`,
+  under one of three crossing rules (:data:`CROSSING_RULES`):
+
+  * ``first``: the first step at which the curve is >= 1 (:func:`first_crossing_step`);
+  * ``stays_tolerant`` (the default): the first step at which the curve is >= 1 and from which it
+    never falls below 1 - :data:`CROSSING_TOLERANCE` (:func:`crossing_step` with a tolerance);
+  * ``stays_strict``: the same with no tolerance: it never falls below 1 again.
+
+  Why the tolerant rule is the default: the paper's adjective curves cross 1 and then PLATEAU just
+  above it. On a plateau that close to the level, noise decides the strict rule (one late dip of a
+  thousandth below 1 moves the crossing to after the dip, or to "never"), while the first-crossing
+  rule is decided by noise before the crossing (an early blip above 1 counts). The tolerant rule
+  asks for a crossing that holds up to a dip of 0.01 in ratio units, a fifth of the effect sizes
+  the paper reports (noun peak 1.07); all three are reported side by side;
 - from attention maps: the negative token attends to the object's region -> :func:`first_hit_step`.
+
+Intervals: curves from several prompt pairs with several seeds each are NOT independent draws:
+seeds of one pair share its prompt. :func:`cluster_bootstrap_weights` resamples pairs, then seeds
+within each drawn pair (a two-stage, hierarchical bootstrap); every interval here takes optional
+``clusters`` (one pair label per row) and then uses it. Point estimates pool all rows (pair-seeds)
+with equal weight, as the paper's figures average its 10 pairs x 10 seeds.
 """
 
 from __future__ import annotations
@@ -20,6 +38,9 @@ from dataclasses import dataclass
 import numpy as np
 
 CATEGORIES = ("object", "attribute")
+CROSSING_RULES = ("first", "stays_tolerant", "stays_strict")
+DEFAULT_CROSSING = "stays_tolerant"
+CROSSING_TOLERANCE = 0.01  # ratio units: later dips this shallow do not undo a crossing (default rule)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
@@ -33,14 +54,50 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
     return p, max(0.0, centre - half), min(1.0, centre + half)
 
 
-def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, ci: float = 0.95):
+def cluster_bootstrap_weights(clusters, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """How often each row enters each resample of a two-stage (hierarchical) bootstrap: (n_boot, rows) int.
+
+    clusters: (rows,) labels, one per row (e.g. the prompt pair of a pair-seed curve). Each
+    resample draws as many clusters as there are, with replacement, then, for every drawn cluster,
+    as many of its rows as it has, with replacement. A statistic of a resample is a weighted one:
+    e.g. the pooled mean is ``w @ x / w.sum()``. One cluster: the ordinary bootstrap over its rows.
+    """
+    labels = np.unique(np.asarray(clusters, dtype=object).astype(str), return_inverse=True)[1].ravel()
+    rng = np.random.default_rng(seed)
+    n_clusters = int(labels.max()) + 1 if labels.size else 0
+    if n_clusters == 0:
+        raise ValueError("no rows to resample")
+    drawn = rng.multinomial(n_clusters, np.full(n_clusters, 1 / n_clusters), size=n_boot)  # (n_boot, clusters)
+    weights = np.zeros((n_boot, labels.size), dtype=np.int64)
+    for c in range(n_clusters):
+        rows = np.flatnonzero(labels == c)
+        # the rows of k independent draws of cluster c: one multinomial of k * len(rows) picks
+        weights[:, rows] = rng.multinomial(drawn[:, c] * len(rows), np.full(len(rows), 1 / len(rows)))
+    return weights
+
+
+def weighted_means(values, weights: np.ndarray) -> np.ndarray:
+    """Per resample, the mean of ``values`` (rows, steps) under ``weights`` (n_boot, rows), NaN
+    entries left out: (n_boot, steps); NaN where a resample has no measured value at a step."""
+    v = _seeds_by_steps(values)
+    seen = np.isfinite(v)
+    with np.errstate(all="ignore"):
+        return (weights @ np.where(seen, v, 0.0)) / (weights @ seen.astype(float))
+
+
+def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, ci: float = 0.95, clusters=None):
     """Mean curve over seeds with a percentile-bootstrap confidence band.
 
     values: (seeds, steps). Seeds are resampled with replacement ``n_boot`` times; low/high are
     the (1 - ci)/2 and (1 + ci)/2 percentiles of the resampled mean curves.
+    clusters: None, or (seeds,) pair labels: then pairs are resampled, then seeds within pairs
+    (:func:`cluster_bootstrap_weights`); the band then includes the spread between pairs.
     Returns (mean, low, high), each (steps,).
     """
     v = _seeds_by_steps(values)
+    if clusters is not None:
+        boots = weighted_means(v, cluster_bootstrap_weights(clusters, n_boot, seed))
+        return _percentile_band(v, boots, ci)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, v.shape[0], size=(n_boot, v.shape[0]))
     with np.errstate(all="ignore"), _quiet_empty_slices():
@@ -49,6 +106,61 @@ def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, ci: float = 0.95):
         low, high = np.nanpercentile(boots, [q, 100 - q], axis=0)
         mean = np.nanmean(v, axis=0)
     return mean, low, high
+
+
+def _percentile_band(v: np.ndarray, boots: np.ndarray, ci: float):
+    with np.errstate(all="ignore"), _quiet_empty_slices():
+        q = 100 * (1 - ci) / 2
+        low, high = np.nanpercentile(boots, [q, 100 - q], axis=0)
+        mean = np.nanmean(v, axis=0)
+    return mean, low, high
+
+
+def cluster_mean_ci(values, clusters, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high) of a scalar per row, NaN rows left out, with the pairs-then-seeds
+    percentile bootstrap of :func:`cluster_bootstrap_weights`."""
+    v = np.asarray(values, dtype=float)
+    keep = np.isfinite(v)
+    if not keep.any():
+        return (float("nan"),) * 3
+    mean, low, high = bootstrap_ci(v[keep, None], n_boot, seed, ci, clusters=np.asarray(clusters, dtype=object)[keep])
+    return float(mean[0]), float(low[0]), float(high[0])
+
+
+def cluster_rate_ci(successes, clusters, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> tuple[float, float, float]:
+    """(rate, low, high) of boolean ``successes`` (rows,) whose rows cluster by pair.
+
+    The interval is the pairs-then-seeds bootstrap interval WIDENED to contain the Wilson interval
+    of the same counts: the bootstrap carries the correlation of seeds within a pair (Wilson
+    assumes independent trials and is too narrow when pairs differ), Wilson covers what a
+    percentile bootstrap cannot (0 or n successes give a zero-width bootstrap interval).
+    """
+    s = np.asarray(successes, dtype=bool)
+    if s.size == 0:
+        return (float("nan"),) * 3
+    rate, wlo, whi = wilson(int(s.sum()), s.size, z=_z(ci))
+    _, blo, bhi = cluster_mean_ci(s.astype(float), clusters, n_boot, seed, ci)
+    return rate, min(wlo, blo), max(whi, bhi)
+
+
+def cluster_ratio_ci(num, den, clusters, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> tuple[float, float, float]:
+    """(sum(num) / sum(den), low, high): a ratio of two per-row quantities (paired rows), with the
+    pairs-then-rows percentile bootstrap."""
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    if num.size == 0 or den.sum() == 0:
+        return (float("nan"),) * 3
+    w = cluster_bootstrap_weights(clusters, n_boot, seed)
+    with np.errstate(all="ignore"):
+        boots = (w @ num) / (w @ den)
+    q = 100 * (1 - ci) / 2
+    low, high = np.nanpercentile(boots, [q, 100 - q])
+    return float(num.sum() / den.sum()), float(low), float(high)
+
+
+def _z(ci: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(0.5 + ci / 2)
 
 
 def peak_step(curve) -> int | None:
@@ -74,12 +186,32 @@ def crossing_step(curve, level: float = 1.0, tolerance: float = 0.0) -> int | No
     return int(hits[0]) if hits.size else None
 
 
-def critical_step(curve, category: str, level: float = 1.0, tolerance: float = 0.0) -> int | None:
-    """The critical step of a strength-ratio curve: the peak for "object", the crossing of ``level`` for "attribute"."""
+def first_crossing_step(curve, level: float = 1.0) -> int | None:
+    """The first step at which the curve is >= ``level`` (whatever it does later); None if never."""
+    hits = np.flatnonzero(np.asarray(curve, dtype=float) >= level)  # NaN compares False
+    return int(hits[0]) if hits.size else None
+
+
+def attribute_step(curve, rule: str = DEFAULT_CROSSING, level: float = 1.0, tolerance: float = CROSSING_TOLERANCE) -> int | None:
+    """The crossing of ``level`` under one of :data:`CROSSING_RULES` (see the module docstring);
+    ``tolerance`` is used by ``stays_tolerant`` only."""
+    if rule == "first":
+        return first_crossing_step(curve, level)
+    if rule == "stays_tolerant":
+        return crossing_step(curve, level, tolerance)
+    if rule == "stays_strict":
+        return crossing_step(curve, level, 0.0)
+    raise ValueError(f"rule={rule!r}: expected one of {CROSSING_RULES}")
+
+
+def critical_step(curve, category: str, level: float = 1.0, tolerance: float = CROSSING_TOLERANCE,
+                  rule: str = DEFAULT_CROSSING) -> int | None:
+    """The critical step of a strength-ratio curve: the peak for "object", the crossing of ``level``
+    under ``rule`` (:func:`attribute_step`) for "attribute"."""
     if category == "object":
         return peak_step(curve)
     if category == "attribute":
-        return crossing_step(curve, level, tolerance)
+        return attribute_step(curve, rule, level, tolerance)
     raise ValueError(f"category={category!r}: expected one of {CATEGORIES}")
 
 
@@ -103,19 +235,23 @@ class StepCI:
 
 
 def bootstrap_critical_step(values, category: str, n_boot: int = 1000, seed: int = 0, ci: float = 0.95,
-                            level: float = 1.0, tolerance: float = 0.0) -> StepCI:
+                            level: float = 1.0, tolerance: float = CROSSING_TOLERANCE, rule: str = DEFAULT_CROSSING,
+                            clusters=None) -> StepCI:
     """Bootstrap distribution of the critical step: resample seeds, average, apply the rule.
 
-    values: (seeds, steps) strength-ratio curves; level, tolerance: see :func:`crossing_step`.
-    ci: the interval's coverage.
+    values: (seeds, steps) strength-ratio curves; level, tolerance, rule: see :func:`critical_step`.
+    ci: the interval's coverage. clusters: None, or (seeds,) pair labels: pairs are resampled,
+    then seeds within pairs (:func:`cluster_bootstrap_weights`).
     """
     v = _seeds_by_steps(values)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, v.shape[0], size=(n_boot, v.shape[0]))
     with np.errstate(all="ignore"), _quiet_empty_slices():
-        means = np.nanmean(v[idx], axis=1)
-        centre = critical_step(np.nanmean(v, axis=0), category, level, tolerance)
-    steps = [critical_step(m, category, level, tolerance) for m in means]
+        if clusters is not None:
+            means = weighted_means(v, cluster_bootstrap_weights(clusters, n_boot, seed))
+        else:
+            idx = np.random.default_rng(seed).integers(0, v.shape[0], size=(n_boot, v.shape[0]))
+            means = np.nanmean(v[idx], axis=1)
+        centre = critical_step(np.nanmean(v, axis=0), category, level, tolerance, rule)
+    steps = [critical_step(m, category, level, tolerance, rule) for m in means]
     samples = np.array([np.nan if s is None else s for s in steps], dtype=float)
     never_last = np.where(np.isnan(samples), np.inf, samples)
     q = 100 * (1 - ci) / 2
