@@ -169,8 +169,18 @@ class RemovalConfig:
     max_regenerations: int = 4  # bounded: at most 1 + this many adaptive images per object
     hit_lift: float = 2.0  # attention reaches the region: mass there >= hit_lift x the region's share
     max_objects: int = 3  # objects removed per original image
+    protocol: str = "negstudy"  # negstudy | paper (the author's object selection, image order, counting rule, +1-step window)
     drop: list[str] = field(default_factory=lambda: ["person"])  # labels never targeted (the paper drops people)
     labels: Optional[str] = None  # label set objects are found among; null: shapes on the shapes world, else coco
+
+
+@dataclass
+class AttentionConfig:
+    """How cross-attention is reduced (negstudy.attention). daam: the author's definitions as well
+    (bicubic per head, clamped, every (layer, head) map alike): ratio variants *_daam and a
+    mass_in_region_daam column beside negstudy's."""
+
+    maps: str = "negstudy"  # negstudy | daam
 
 
 @dataclass
@@ -195,7 +205,8 @@ class NegstudyConfig:
     resume: bool = True  # skip a job whose complete results exist (same config hash): negstudy.jobs
     job_store: str = "outputs/.jobs"  # where finished jobs register (relative to the launch directory)
     removal: RemovalConfig = field(default_factory=RemovalConfig)
-    mechanisms: Any = None  # settings of the mechanisms study (negstudy.studies.mechanisms): thetas, draws, ...
+    mechanisms: Any = None  # settings of the mechanisms study (negstudy.studies.mechanisms): thetas, draws, energy, ...
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
 
 
 def register_configs() -> None:
@@ -289,7 +300,12 @@ def validate(cfg: DictConfig) -> None:
     check_tracking(cfg)
     _allowed("sweep.name", cfg.sweep.name, SWEEPS)
     _allowed("sweep.layers", cfg.sweep.layers, ("down_up", "all"))
-    _allowed("sweep.variant", cfg.sweep.variant, ("all_tokens", "word_tokens"))
+    _allowed("attention.maps", cfg.attention.maps, ("negstudy", "daam"))
+    _allowed("sweep.variant", cfg.sweep.variant, ("all_tokens", "word_tokens", "all_tokens_daam", "word_tokens_daam"))
+    if cfg.sweep.variant.endswith("_daam") and cfg.attention.maps != "daam":
+        raise ConfigError(f"sweep.variant={cfg.sweep.variant!r}: the author's ratio is recorded only with attention.maps=daam "
+                          f"(attention.maps={cfg.attention.maps!r})")
+    _allowed("mechanisms.energy", OmegaConf.select(cfg, "mechanisms.energy", default="negstudy"), ("negstudy", "paper", "both"))
     for key in ("stride", "screen_seeds", "max_seeds"):
         if cfg.sweep[key] < 1:
             raise ConfigError(f"sweep.{key}={cfg.sweep[key]}: must be >= 1")
@@ -307,6 +323,7 @@ def _validate_removal(r) -> None:
         raise ConfigError(f"removal.window={list(r.window)}: give [start, end] with 0 <= start <= end < removal.window_of={r.window_of}")
     if not 0 <= r.fallback_start < r.window_of:
         raise ConfigError(f"removal.fallback_start={r.fallback_start}: must be in 0..{r.window_of - 1}")
+    _allowed("removal.protocol", r.protocol, ("negstudy", "paper"))
     for key in ("length", "extend", "max_objects"):
         if r[key] < 1:
             raise ConfigError(f"removal.{key}={r[key]}: must be >= 1")

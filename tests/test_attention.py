@@ -329,3 +329,49 @@ def test_recorder_daam_matches_probabilities_and_keeps_negstudy_values(pipe):
         plain.maps(0, "positive", "cat", kind="daam")
     with pytest.raises(ValueError, match="maps='bicubic'"):
         AttentionRecorder(pipe.unet, maps="bicubic")
+
+
+def test_attention_maps_daam_from_the_command_line(tmp_path):
+    """`attention.maps=daam` in the critical-step study on the shipped model: the ratio table holds the
+    author's variants beside negstudy's, and the report reads the paper's ratio (sweep.variant)."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    out = tmp_path / "crit"
+    pairs = '[{prompt:"a ball on the grass",negative:sun,category:object}]'
+    proc = subprocess.run(
+        [sys.executable, "-m", "negstudy", "+sweep=critical_step", "hydra.mode=RUN", "dataset.shards=1", "steps=5",
+         "sweep.screen_seeds=2", "sweep.max_seeds=1", "sweep.min_seeds=1", "sweep.stride=3", "logger=none",
+         "save_images=false", "attention.maps=daam", "sweep.variant=all_tokens_daam", f"dataset.pairs={pairs}",
+         f"hydra.run.dir={out}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ratio = pd.read_parquet(out / "ratio.parquet")
+    assert set(ratio.variant) == {"all_tokens", "word_tokens", "all_tokens_daam", "word_tokens_daam"}
+    wide = ratio.pivot_table(index=["seed", "step"], columns="variant", values="ratio")
+    assert (wide > 0).all().all() and not np.allclose(wide.all_tokens, wide.all_tokens_daam)
+    attention = pd.read_parquet(out / "attention.parquet")
+    if len(attention):  # the object appeared without the negative: its region exists
+        assert attention.mass_in_region_daam.between(0, 1).all()
+
+
+def test_attention_maps_key_is_validated(tiny_model_dir):
+    from hydra import compose, initialize_config_module
+
+    from negstudy.config import register_configs, validate
+    from negstudy.errors import ConfigError
+
+    register_configs()
+    with initialize_config_module(config_module="negstudy.conf", version_base="1.3"):
+        base = [f"model.path={tiny_model_dir}", "evaluator=none"]
+        validate(compose(config_name="config", overrides=base + ["attention.maps=daam", "sweep.variant=word_tokens_daam"]))
+        with pytest.raises(ConfigError) as bad_maps:
+            validate(compose(config_name="config", overrides=base + ["attention.maps=bicubic"]))
+        with pytest.raises(ConfigError) as needs_daam:
+            validate(compose(config_name="config", overrides=base + ["sweep.variant=all_tokens_daam"]))
+    assert str(bad_maps.value) == "attention.maps='bicubic': allowed values are negstudy, daam"
+    assert str(needs_daam.value) == ("sweep.variant='all_tokens_daam': the author's ratio is recorded only with "
+                                     "attention.maps=daam (attention.maps='negstudy')")

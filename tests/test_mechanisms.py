@@ -260,3 +260,102 @@ def test_run_writes_all_four_tables(shipped, tmp_path):
     assert list(en.columns) == list(out["energy"].columns)
     for name in ("inducing", "momentum"):
         _png_ok(tmp_path / f"{name}.png")
+
+
+# ----------------------------------------------------------------------------- the author's definitions, beside ours
+
+
+def _planted_state(step, pos, neg):
+    from negstudy.sampler import StepState
+
+    pos, neg = torch.tensor(pos).view(1, 1, 1, 4), torch.tensor(neg).view(1, 1, 1, 4)
+    eps = {"positive": pos, "negative": neg, "empty": torch.zeros_like(pos)}
+    return StepState(step=step, timestep=0, latents=torch.zeros_like(pos), eps=eps, guided=pos, branch=["negative"])
+
+
+def test_l2_inducing_and_sign_momentum_on_planted_predictions(tiny_sampler):
+    """Two planted steps of 4-entry predictions, where the author's and negstudy's definitions differ."""
+    rec = mech.MechanismRecorder()
+    tables = {}
+    # always: eps_neg = (1, 0, 0, 0), eps_pos(0) = (1, 2, -0.1, 3) -> |proj|_2 = 1, RMS 1 / sqrt(4) = 0.5
+    # never:  eps_pos(0) = (0.5, 2, -0.1, 3)                        -> |proj|_2 = 0.5, RMS 0.25
+    for schedule, first in (("always", 1.0), ("never", 0.5)):
+        rec.on_start(tiny_sampler, Batch(["a cat"], ["dog"], [0], [Always().plan(tiny_sampler.n_calls)]))
+        rec.on_step(_planted_state(0, [first, 2.0, -0.1, 3.0], [1.0, 0.0, 0.0, 0.0]))
+        rec.on_step(_planted_state(1, [first, 2.0, 0.1, 3.0], [1.0, 0.0, 0.0, 0.0]))  # one small entry flips sign
+        rec.on_end(None)
+        tables[schedule] = rec.table().assign(schedule=schedule, item=0)
+    steps = pd.concat(tables.values(), ignore_index=True)
+    d = mech.inducing(steps).set_index("step")
+    assert d.loc[0, "proj_always"] == pytest.approx(0.5) and d.loc[0, "proj_always_l2"] == pytest.approx(1.0)
+    assert d.loc[0, "D"] == pytest.approx(0.25)  # negstudy: RMS per entry
+    assert d.loc[0, "D_l2"] == pytest.approx(0.5)  # the author's L2 norm: sqrt(4) x larger
+    m = mech.momentum(steps).set_index("schedule")
+    # raw vectors: (1 + 4 - 0.01 + 9) / 14.01; signs: (+1 +1 -1 +1) / 4
+    assert m.loc["always", "m"] == pytest.approx(13.99 / 14.01)
+    assert m.loc["always", "m_sign"] == pytest.approx(0.5)
+    assert list(m.columns) == ["item", "step", "m", "m_sign"]
+    assert torch.allclose(mech.sign_cosine(torch.tensor([[2.0, -3.0]]), torch.tensor([[0.1, -9.0]])),
+                          torch.tensor([1.0], dtype=torch.float64))
+    assert torch.allclose(mech.projection_l2(torch.tensor([[3.0, 4.0]]), torch.tensor([[2.0, 0.0]])),
+                          torch.tensor([3.0], dtype=torch.float64))
+
+
+def test_paper_energy_barrier_uses_t100_the_empty_prompt_and_101_weights():
+    s = NegativeSampler(tiny_pipeline(1, pixel_space=True), steps=10)
+    rng = np.random.default_rng(1)
+    bg, obj = rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8), rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    z_bg, z_obj = mech.to_latents(s, bg), mech.to_latents(s, obj)
+    paper = mech.paper_energy_barrier(s, z_bg, z_obj, draws=1, noise_seeds=[5], max_rows=128)
+    assert len(paper) == 101 and paper.theta.nunique() == 101
+    assert (paper.step == -1).all() and (paper.timestep == 100).all()
+    assert torch.equal(s.encode("   "), s.encode(""))  # the author's "   " is the empty prompt
+    # independently, at theta = 0.37: z_t = sqrt(abar_100) z + sqrt(1 - abar_100) eps, conditioned on "   "
+    abar = float(s.scheduler.alphas_cumprod[100])
+    noise = torch.randn((1, 3, 32, 32), generator=torch.Generator("cpu").manual_seed(5))
+    z = 0.37 * z_bg[0] + 0.63 * z_obj[0]
+    x = math.sqrt(abar) * z + math.sqrt(1 - abar) * noise
+    with torch.no_grad():
+        out = s.unet(x, 100, encoder_hidden_states=s.encode("   ")).sample
+    expected = ((out - noise) ** 2).mean((1, 2, 3)).numpy()
+    got = paper[paper.theta == 0.37].sort_values("draw").error.to_numpy()
+    assert np.allclose(got, expected, rtol=1e-4)
+    # negstudy's variant at a loop step (t = 901 for step 1 of 10) with the positive prompt: another number
+    ours = mech.energy_barrier(s, ["a ball on the grass"], z_bg, z_obj, thetas=[0.37], steps=[1], draws=1, noise_seeds=[5])
+    assert ours.timestep.iloc[0] != 100 and not np.allclose(ours.sort_values("draw").error.to_numpy(), got, rtol=1e-2)
+
+
+def test_energy_variant_key_is_validated(tiny_model_dir):
+    from hydra import compose, initialize_config_module
+
+    from negstudy.config import register_configs, validate
+    from negstudy.errors import ConfigError
+
+    register_configs()
+    with initialize_config_module(config_module="negstudy.conf", version_base="1.3"):
+        base = [f"model.path={tiny_model_dir}", "evaluator=none", "+sweep=mechanisms", "hydra.mode=RUN"]
+        cfg = compose(config_name="config", overrides=base + ["mechanisms.energy=both"])
+        validate(cfg)
+        assert cfg.mechanisms.energy == "both"
+        bad = compose(config_name="config", overrides=base + ["mechanisms.energy=t100"])
+        with pytest.raises(ConfigError) as err:
+            validate(bad)
+    assert str(err.value) == "mechanisms.energy='t100': allowed values are negstudy, paper, both"
+
+
+def test_run_with_both_energy_variants(shipped, tmp_path):
+    """mechanisms.energy=both through the driver (10 steps to keep it short: ~25 s)."""
+    cfg = OmegaConf.create({
+        "dataset": {"name": "one", "limit": None, "pairs": [{"prompt": "a box in the sky", "negative": "tree", "category": "object"}]},
+        "seeds": [9], "batch_size": 4, "save_images": False,
+        "mechanisms": {"draws": 1, "energy_steps": [5], "thetas": [0.0, 0.5, 1.0], "energy": "both"},
+    })
+    mech.run(cfg, NegativeSampler(shipped.pipe, steps=10, three_branches=True), tmp_path)
+    en = pd.read_parquet(tmp_path / "energy.parquet")
+    ind = pd.read_parquet(tmp_path / "inducing.parquet")
+    assert np.allclose(ind.D_l2, ind.D * math.sqrt(3 * 32 * 32))  # the shapes model: 3 x 32 x 32 entries
+    assert "m_sign" in pd.read_parquet(tmp_path / "momentum.parquet").columns
+    if len(en):
+        assert set(en.variant) == {"negstudy", "paper"}
+        assert len(en[en.variant == "negstudy"]) == 3 and len(en[en.variant == "paper"]) == 101
+        assert (en[en.variant == "paper"].timestep == 100).all()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from negstudy.attention import AttentionRecorder, mass_in_mask
@@ -53,6 +53,7 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     plans = [FromStep(k).plan(n) for k in starts]
     pairs = pairs_of(cfg.dataset)
     screen_seeds = list(range(sw.screen_seeds))
+    maps_kind = OmegaConf.select(cfg, "attention.maps", default="negstudy")  # daam: the author's maps as well
 
     # 1. screen: which seeds show the concept without the negative
     screened = {}
@@ -77,7 +78,7 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     for p, seed, present in tqdm(jobs, desc="start-step sweep", unit="pair-seed"):
         pair = pairs[p]
         m = len(plans)
-        recorder = AttentionRecorder(sampler.unet, layers=sw.layers, words=[pair.negative])
+        recorder = AttentionRecorder(sampler.unet, layers=sw.layers, words=[pair.negative], maps=maps_kind)
         batch = Batch([pair.prompt] * m, [pair.negative] * m, [seed] * m, plans)
         images = to_uint8(sampler.generate(batch, [recorder]))
         verdicts = oracle.inspect_batch(images)
@@ -92,8 +93,7 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
         if cfg.save_images:
             save_png(np.concatenate(list(images), axis=1), out_dir / "strips" / f"{p:02d}_{slug(pair.prompt)}_neg-{slug(pair.negative, 20)}_s{seed}.png",
                      {"prompt": pair.prompt, "negative": pair.negative, "seed": seed, "start_steps": starts})
-        strength = recorder.strength("all_tokens").assign(variant="all_tokens")
-        strength = pd.concat([strength, recorder.strength("word_tokens").assign(variant="word_tokens")])
+        strength = pd.concat([recorder.strength(v).assign(variant=v) for v in recorder.variants()])
         strength = strength[strength.image == 0]  # k = 0: the negative at every step
         for row in strength.itertuples():
             ratios.append({"pair": p, "negative": pair.negative, "category": pair.category, "seed": seed,
@@ -105,6 +105,10 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
                 attention.append({"pair": p, "negative": pair.negative, "category": pair.category, "seed": seed,
                                   "step": step, "mass_in_region": mass_in_mask(heat, region),
                                   "region_fraction": float(region.mean())})
+            if maps_kind == "daam":  # the author's maps beside negstudy's (negstudy.attention)
+                daam = recorder.maps(0, "negative", pair.negative, kind="daam").float().numpy()
+                for row, heat in zip(attention[len(attention) - len(maps):], daam):
+                    row["mass_in_region_daam"] = mass_in_mask(heat, region)
     screen = pd.DataFrame([{"pair": p, "prompt": pairs[p].prompt, "negative": pairs[p].negative,
                             "category": pairs[p].category, "screened": len(screen_seeds), "present": screened[p][2]}
                            for p in screened])

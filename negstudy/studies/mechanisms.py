@@ -37,6 +37,45 @@ one batch, the negative at every step (``always``) and never (``never``) from th
 
 The driver :func:`run` writes ``inducing``, ``momentum``, ``neutralization`` and ``energy`` tables
 (parquet) and their figures; :func:`summarize` gives means with bootstrap bands over seeds.
+
+The author's definitions, beside negstudy's
+-------------------------------------------
+Read in the author's public code (GitHub banyuanhao/daam); negstudy's own stay the defaults.
+
+- inducing, L2 units (always written: columns ``proj_always_l2``, ``proj_never_l2``, ``D_l2``)::
+
+      D_l2(t) = |proj(eps_pos(t) onto eps_neg(t))|_2 under always - the same under never
+              = sqrt(n) D(t)                                    (n = C h w entries: 16384 for SD2-base)
+
+  Source: ``wrapupdata/how.ipynb``, ``exp_diff``: ``torch.norm(projectionalliinone(pos, neg))`` (the
+  L2 norm of the projection of the whole flattened latent) with ``negative_time=40`` (always) minus
+  ``negative_time=0`` (never), ``diff[0:10]`` (the first 10 steps), mean over 10 seeds drawn with
+  ``random.randint`` (not the paper's fixed seed list). The paper's "up to ~0.37" is in these
+  units; negstudy's RMS unit divides it by sqrt(n) (0.37 / 128 = 0.0029 on SD2-base), so that
+  numbers compare across latent sizes and with the 32x32x3 pixel-space shapes model.
+- momentum of signs (always written: column ``m_sign`` of the momentum table)::
+
+      m_sign(t) = cos(sign(eps_pos(t)), sign(eps_pos(t + 1))) = 1 - 2 (fraction of entries whose sign flips)
+
+  (the second form when no entry is exactly 0). Source: ``scripts/noises.py``:
+  ``F.cosine_similarity(torch.sign(positive_noises[i]), torch.sign(positive_noises[i + 1]))`` on one
+  trajectory with the negative at every step. negstudy's ``m`` compares the raw vectors, so large
+  entries dominate it; ``m_sign`` counts every entry alike and is lower whenever small entries flip.
+- energy barrier, ``mechanisms.energy=paper`` (or ``both``: the two in one table with a
+  ``variant`` column, negstudy / paper)::
+
+      z_t = sqrt(abar_100) z + sqrt(1 - abar_100) eps,   E = mean (eps_hat(z_t, t = 100, c("   ")) - eps)^2,
+      theta in {0, 0.01, ..., 1} (101 weights)
+
+  Source: ``wrapupdata/analysis/analysis.ipynb``, ``compute_loss_combo`` called with
+  ``timesteps=torch.tensor([100])`` and the text ``"   "`` (three spaces: the tokenizer gives BOS,
+  EOS and padding, i.e. the empty prompt) for ``i/100``, i = 0..100. t = 100 is a raw training
+  timestep, not a step of the sampling loop: its rows have ``step = -1`` and ``timestep = 100``.
+  Kept from negstudy in this variant: the VAE posterior MEAN (the notebook takes a
+  ``latent_dist.sample()`` per call), and the same ``draws`` noise draws for every theta (the
+  notebook draws one fresh noise per theta, so its curve carries noise-to-noise variation); both
+  leave the expected error unchanged. The notebook's v-prediction branch compares against the
+  velocity; SD2-base predicts eps, where the two agree.
 """
 
 from __future__ import annotations
@@ -68,6 +107,12 @@ THETAS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))  # energy-barrier mixing 
 # step 20 (t=331) and later, so both are measured.
 ENERGY_STEPS = (10, 20)
 ENERGY_DRAWS = 8  # noise draws per image pair
+# The author's energy barrier (wrapupdata/analysis/analysis.ipynb): raw timestep 100, the prompt "   ",
+# 101 mixing weights i / 100
+PAPER_ENERGY_TIMESTEP = 100
+PAPER_ENERGY_PROMPT = "   "
+PAPER_THETAS = tuple(np.round(np.linspace(0.0, 1.0, 101), 2))
+ENERGY_VARIANTS = ("negstudy", "paper", "both")
 ATTENTION_WINDOW = 5  # steps per window of the attention grid (the paper: 3 or 5)
 HIT_THRESHOLD = 0.5  # mass-in-region rule of negstudy.critical.first_hit_step
 
@@ -90,6 +135,17 @@ def projection_rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|proj(a onto b)|_rms = |a.b| / (|b|_2 sqrt(n)) per image, (B,) float64; NaN where b = 0."""
     fa, fb = _flat(a), _flat(b)
     return (fa * fb).sum(1).abs() / (fb.norm(dim=1) * math.sqrt(fa.shape[1]))
+
+
+def projection_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|proj(a onto b)|_2 = |a.b| / |b|_2 per image, (B,) float64: the author's unit (sqrt(n) x the RMS)."""
+    fa, fb = _flat(a), _flat(b)
+    return (fa * fb).sum(1).abs() / fb.norm(dim=1)
+
+
+def sign_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos(sign(a), sign(b)) per image over flattened (B, ...) tensors, (B,) float64 (scripts/noises.py)."""
+    return cosine(torch.sign(a), torch.sign(b))
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -131,12 +187,14 @@ class MechanismRecorder(Hook):
 
     :meth:`table` has one row per image and step: ``proj`` = |proj(eps_pos onto eps_neg)|_rms,
     ``coef`` = a.b / b.b, ``momentum`` = cos(eps_pos(step), eps_pos(step + 1)) (NaN at the last
-    step), ``neutral_inside`` / ``neutral_outside`` / ``neutral_all`` = cos(eps_pos - eps_empty,
+    step), ``proj_l2`` = |proj|_2 and ``momentum_sign`` = cos of the signs (the author's
+    definitions, see the module docstring), ``neutral_inside`` / ``neutral_outside`` / ``neutral_all`` = cos(eps_pos - eps_empty,
     eps_neg - eps_empty) over the region / the rest / everything. Only eps_pos of the previous
     step is held between steps.
     """
 
-    COLUMNS = ("proj", "coef", "momentum", "neutral_inside", "neutral_outside", "neutral_all")
+    COLUMNS = ("proj", "coef", "momentum", "neutral_inside", "neutral_outside", "neutral_all", "proj_l2",
+               "momentum_sign")
 
     def __init__(self, regions: Sequence | None = None):
         self.regions = regions
@@ -170,6 +228,8 @@ class MechanismRecorder(Hook):
             "momentum": nan.clone(),  # filled in at the next step
             "neutral_inside": nan, "neutral_outside": nan,
             "neutral_all": cosine(pos - empty, neg - empty),
+            "proj_l2": projection_l2(pos, neg),
+            "momentum_sign": nan.clone(),  # filled in at the next step
         }
         if self._masks is not None:
             d_pos, d_neg = pos - empty, neg - empty
@@ -178,6 +238,7 @@ class MechanismRecorder(Hook):
             values["neutral_outside"] = torch.where(keep, masked_cosine(d_pos, d_neg, ~self._masks), nan)
         if self._prev is not None:
             self._rows[-1][1][:, self.COLUMNS.index("momentum")] = cosine(self._prev, pos)
+            self._rows[-1][1][:, self.COLUMNS.index("momentum_sign")] = sign_cosine(self._prev, pos)
         self._prev = pos.clone()
         self._rows.append((state.step, torch.stack([values[c] for c in self.COLUMNS], 1)))
 
@@ -235,17 +296,22 @@ def trace(sampler: NegativeSampler, prompts: Sequence[str], negatives: Sequence[
 
 
 def inducing(steps: pd.DataFrame) -> pd.DataFrame:
-    """D(t) per item from :func:`trace`'s table: item, step, proj_always, proj_never, D (RMS noise units)."""
-    wide = steps.pivot_table(index=["item", "step"], columns="schedule", values="proj").reset_index()
-    wide = wide.rename(columns={"always": "proj_always", "never": "proj_never"}).rename_axis(columns=None)
-    wide["D"] = wide.proj_always - wide.proj_never
-    return wide[["item", "step", "proj_always", "proj_never", "D"]]
+    """D(t) per item from :func:`trace`'s table: item, step, proj_always, proj_never, D (RMS noise units),
+    and the same in the author's L2 units: proj_always_l2, proj_never_l2, D_l2 (= sqrt(n) D)."""
+    out = []
+    for column, suffix in (("proj", ""), ("proj_l2", "_l2")):
+        wide = steps.pivot_table(index=["item", "step"], columns="schedule", values=column)
+        wide = wide.rename(columns={"always": "proj_always" + suffix, "never": "proj_never" + suffix}).rename_axis(columns=None)
+        wide["D" + suffix] = wide["proj_always" + suffix] - wide["proj_never" + suffix]
+        out.append(wide[["proj_always" + suffix, "proj_never" + suffix, "D" + suffix]])
+    return pd.concat(out, axis=1).reset_index()
 
 
 def momentum(steps: pd.DataFrame) -> pd.DataFrame:
-    """m(t) = cos(eps_pos(t), eps_pos(t + 1)): item, schedule, step (t = 0..n_calls-2), m."""
-    m = steps[["item", "schedule", "step", "momentum"]].dropna(subset=["momentum"]).rename(columns={"momentum": "m"})
-    return m.reset_index(drop=True)
+    """m(t) = cos(eps_pos(t), eps_pos(t + 1)): item, schedule, step (t = 0..n_calls-2), m, and
+    m_sign = cos(sign(eps_pos(t)), sign(eps_pos(t + 1))) (the author's scripts/noises.py)."""
+    m = steps[["item", "schedule", "step", "momentum", "momentum_sign"]].dropna(subset=["momentum"])
+    return m.rename(columns={"momentum": "m", "momentum_sign": "m_sign"}).reset_index(drop=True)
 
 
 def neutralization(steps: pd.DataFrame) -> pd.DataFrame:
@@ -276,21 +342,23 @@ def to_latents(sampler: NegativeSampler, images: np.ndarray) -> torch.Tensor:
 
 
 def denoising_error(sampler: NegativeSampler, z: torch.Tensor, step: int, cond: torch.Tensor,
-                    noise: torch.Tensor) -> torch.Tensor:
+                    noise: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
     """Mean over (C, h, w) of (eps_hat(z_t, t, cond) - eps)^2 for clean z (B, C, h, w), (B,) float64.
 
     t = the timestep of ``step`` (UNet-call index) after ``set_timesteps(sampler.steps)``;
     z_t = sqrt(abar_t) z + sqrt(1 - abar_t) noise; cond (B, tokens, dim) text embeddings.
     v-prediction models are converted to eps: eps_hat = sqrt(1 - abar) z_t + sqrt(abar) v.
+    timestep: a raw training timestep instead (``step`` is then ignored; the paper's variant: 100).
     """
     sched = sampler.scheduler
     sched.set_timesteps(sampler.steps, device=sampler.device)
-    t = sched.timesteps[step]
+    t = sched.timesteps[step] if timestep is None else torch.tensor(int(timestep), device=sampler.device)
     abar = sched.alphas_cumprod[int(t)].to(device=z.device, dtype=torch.float64)
     a, s = abar.sqrt(), (1 - abar).sqrt()
     z_t = (a * z.double() + s * noise.double()).to(z.dtype)
     with torch.no_grad():
-        out = sampler.unet(sched.scale_model_input(z_t, t), t, encoder_hidden_states=cond, return_dict=False)[0]
+        x = sched.scale_model_input(z_t, t) if timestep is None else z_t  # a raw timestep: the UNet's training input
+        out = sampler.unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
     out = out.double()
     if sched.config.prediction_type == "v_prediction":
         out = s * z_t.double() + a * out
@@ -307,7 +375,8 @@ def energy_noise(shape: Sequence[int], draws: int, seed: int, device) -> torch.T
 
 def energy_barrier(sampler: NegativeSampler, prompts: Sequence[str], z_bg: torch.Tensor, z_obj: torch.Tensor,
                    thetas: Sequence[float] = THETAS, steps: Sequence[int] = ENERGY_STEPS, draws: int = ENERGY_DRAWS,
-                   noise_seeds: Sequence[int] | None = None, max_rows: int = 128) -> pd.DataFrame:
+                   noise_seeds: Sequence[int] | None = None, max_rows: int = 128,
+                   timesteps: Sequence[int] | None = None) -> pd.DataFrame:
     """Denoising error along the mix z = theta z_bg + (1 - theta) z_obj (PAPER.md Figure 5).
 
     prompts: per image pair, the positive prompt the UNet is conditioned on; z_bg, z_obj: (P, C, h, w)
@@ -315,7 +384,8 @@ def energy_barrier(sampler: NegativeSampler, prompts: Sequence[str], z_bg: torch
     ``noise_seeds[i]`` (default i), the same for every theta and step.
     Returns item, step, timestep, draw, theta, error (see :func:`denoising_error`), and relative =
     error / mean(error at theta 0, error at theta 1) of the same item, step and draw (NaN without
-    both ends in ``thetas``).
+    both ends in ``thetas``). timesteps: raw training timesteps instead of ``steps`` (their rows
+    have step -1); see :func:`paper_energy_barrier`.
     """
     n_pairs = len(prompts)
     if z_bg.shape != z_obj.shape or z_bg.shape[0] != n_pairs:
@@ -327,21 +397,33 @@ def energy_barrier(sampler: NegativeSampler, prompts: Sequence[str], z_bg: torch
     sched = sampler.scheduler
     sched.set_timesteps(sampler.steps)
     out = []
-    for step in steps:
-        timestep = int(sched.timesteps[step])
+    points = [(int(s), int(sched.timesteps[s]), None) for s in steps] if timesteps is None else \
+        [(-1, int(t), int(t)) for t in timesteps]
+    for step, timestep, raw in points:
         for start in range(0, len(rows), max_rows):
             chunk = rows[start : start + max_rows]
             i = torch.tensor([r[0] for r in chunk], device=z_bg.device)
             d = torch.tensor([r[1] for r in chunk], device=z_bg.device)
             th = torch.tensor([r[2] for r in chunk], device=z_bg.device, dtype=z_bg.dtype).view(-1, 1, 1, 1)
             z = th * z_bg[i] + (1 - th) * z_obj[i]
-            err = denoising_error(sampler, z, step, cond[i], noise[i, d]).cpu().numpy()
+            err = denoising_error(sampler, z, max(step, 0), cond[i], noise[i, d], timestep=raw).cpu().numpy()
             out += [(r[0], step, timestep, r[1], float(r[2]), float(e)) for r, e in zip(chunk, err)]
     table = pd.DataFrame(out, columns=["item", "step", "timestep", "draw", "theta", "error"])
     ends = table[table.theta.isin([0.0, 1.0])].groupby(["item", "step", "draw"]).error
     base = ends.mean().where(ends.count() == 2)
     table["relative"] = table.error / base.reindex(pd.MultiIndex.from_frame(table[["item", "step", "draw"]])).to_numpy()
     return table
+
+
+def paper_energy_barrier(sampler: NegativeSampler, z_bg: torch.Tensor, z_obj: torch.Tensor, draws: int = ENERGY_DRAWS,
+                         noise_seeds: Sequence[int] | None = None, thetas: Sequence[float] = PAPER_THETAS,
+                         max_rows: int = 128) -> pd.DataFrame:
+    """The author's energy barrier (module docstring): raw timestep 100, the prompt "   ", 101 weights.
+
+    Same columns as :func:`energy_barrier`, step = -1, timestep = 100.
+    """
+    return energy_barrier(sampler, [PAPER_ENERGY_PROMPT] * z_bg.shape[0], z_bg, z_obj, thetas, (), draws, noise_seeds,
+                          max_rows, timesteps=[PAPER_ENERGY_TIMESTEP])
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -432,6 +514,9 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     window = int(_setting(cfg, "window", ATTENTION_WINDOW))
     threshold = float(_setting(cfg, "threshold", HIT_THRESHOLD))
     screen_seeds = int(_setting(cfg, "screen_seeds", 0))
+    energy_variant = _setting(cfg, "energy", "negstudy")  # negstudy | paper | both (module docstring)
+    if energy_variant not in ENERGY_VARIANTS:
+        raise ValueError(f"mechanisms.energy={energy_variant!r}: allowed values are {', '.join(ENERGY_VARIANTS)}")
     max_extra = int(_setting(cfg, "max_extra", 2))
     chunk = max(1, int(cfg.get("batch_size", 16)) // 2)
     pairs = pairs_of(cfg.dataset)
@@ -489,8 +574,16 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     if chosen:
         z_bg = to_latents(sampler, np.stack([c[1] for c in chosen]))
         z_obj = to_latents(sampler, np.stack([c[2] for c in chosen]))
-        energy = energy_barrier(sampler, [pairs[items[c[0]][0]].prompt for c in chosen], z_bg, z_obj, thetas,
-                                energy_steps, draws, noise_seeds=[items[c[0]][1] * 1000 + items[c[0]][0] for c in chosen])
+        noise_seeds = [items[c[0]][1] * 1000 + items[c[0]][0] for c in chosen]
+        parts = []
+        if energy_variant in ("negstudy", "both"):
+            parts.append(energy_barrier(sampler, [pairs[items[c[0]][0]].prompt for c in chosen], z_bg, z_obj, thetas,
+                                        energy_steps, draws, noise_seeds=noise_seeds).assign(variant="negstudy"))
+        if energy_variant in ("paper", "both"):
+            parts.append(paper_energy_barrier(sampler, z_bg, z_obj, draws, noise_seeds).assign(variant="paper"))
+        energy = pd.concat(parts, ignore_index=True)
+        if energy_variant == "negstudy":  # the default table keeps its columns
+            energy = energy.drop(columns="variant")
         energy["item"] = energy.item.map({e: c[0] for e, c in enumerate(chosen)})
         sources = pd.DataFrame([{"item": c[0], "bg_source": c[3], "obj_source": c[4]} for c in chosen])
         energy = energy.merge(sources, on="item")
@@ -500,6 +593,8 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
                                "timestep": pd.Series(dtype="int64"), "draw": pd.Series(dtype="int64"),
                                **{c: pd.Series(dtype="float64") for c in ("theta", "error", "relative")},
                                **{c: pd.Series(dtype="object") for c in ("bg_source", "obj_source")}})
+        if energy_variant != "negstudy":
+            energy["variant"] = pd.Series(dtype="object")
     out["energy"] = energy
 
     # 4. tables with the pairs' metadata, then figures
