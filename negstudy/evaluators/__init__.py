@@ -21,7 +21,7 @@ import numpy as np
 
 from negstudy.errors import ConfigError
 
-EVALUATORS = ("none", "oracle", "judge", "clip", "owl")
+EVALUATORS = ("none", "oracle", "judge", "clip", "owl", "ensemble")
 Mask = np.ndarray
 
 
@@ -82,6 +82,13 @@ def make_evaluator(cfg_evaluator, model_world: str | None) -> Evaluator:
         from negstudy.evaluators.clip import ClipEvaluator
 
         return ClipEvaluator.from_config(cfg_evaluator, model_world)
+    if name == "ensemble":
+        if model_world != "shapes":
+            raise ConfigError(f"evaluator.name='ensemble': the ensemble reads the shapes world only (oracle + shapes CLIP),"
+                              f" and model {model_world or 'is not a shapes model'} (use evaluator=clip or judge, or model=shapes)")
+        from negstudy.evaluators.ensemble import EnsembleEvaluator
+
+        return EnsembleEvaluator.from_config(cfg_evaluator, model_world)
     if name == "owl":
         from negstudy.evaluators.owl import OwlEvaluator
 

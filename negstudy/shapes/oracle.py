@@ -43,6 +43,22 @@ Pipeline (all colours in uint8 units, images float (B, 32, 32, 3)):
    A blurry image WITHOUT objects is a flat colour, identical to its clean version: it
    is undecidable and is reported as attribute None (counted as an error when
    measuring accuracy).
+
+Margins and unsure. Generated images sit near the thresholds far more often than world images,
+and their pixels differ in the last bits between machines, so every decision has a band around
+its threshold in which it is UNSURE (Verdict.unsure) rather than a guess:
+- object o: present if its biggest blob of pixels that pass the pixel rule of step 3 by the
+  margins (t > 0.5 + PIXEL_T_MARGIN, distance < SEGMENT_DIST - PIXEL_DIST_MARGIN, nearer to o's
+  segment than to any other by PIXEL_DIST_MARGIN) has >= MIN_AREA pixels, absent if even the
+  blob of pixels that fail no test by more than the margins has fewer, else unsure;
+- background: the class if |j| < BACKGROUND_MAX_OFFSET - BACKGROUND_OFFSET_MARGIN, "none" (not
+  a world background: grey, pink, purple...) above the band, unsure inside it;
+- attribute: each threshold of step 5 with its band (NOISE_STD_MARGIN, ...);
+- if the runner-up hypothesis of the fit costs less than FIT_MARGIN more than the best, the image
+  is read under both and every decision on which they differ is unsure.
+A +-1 grey-level change of any pixel therefore flips no decision except to or from unsure
+(tests/test_reader.py). Blobs of >= MIN_AREA pixels in no world colour (orange discs...) are
+counted in diagnostics["other_blobs"], never forced into a class.
 """
 
 from __future__ import annotations

@@ -1,0 +1,244 @@
+"""Readers of the shapes world with explicit "unsure", and the default reader: oracle + shapes CLIP.
+
+A *reading* of an image is, per decision: each of the 5 objects present (True), absent (False)
+or unsure (None); the background (a class, ``"none"`` for a colour that is no world background,
+or ``"unsure"``); the attribute (a class, ``"none"`` or ``"unsure"``). Three readers:
+
+- ``oracle``: :func:`negstudy.shapes.oracle.inspect_batch` (pixel rules with margins; masks).
+- ``clip``: the shipped shapes CLIP, zero-shot over the 520 world captions (as
+  :class:`~negstudy.evaluators.clip.ClipEvaluator`) with a margin: object ``o`` is present if the
+  best caption naming it beats the best caption lacking it by more than ``CLIP_MARGIN`` (cosine
+  units), absent if it loses by more, else unsure; likewise the best background against the best
+  other background, and the best attribute (or none) against the best other. CLIP always names a
+  background: it cannot say "none".
+- ``ensemble`` (the default reader for the shapes model): per decision, the oracle and CLIP
+  readings are combined by the rule measured best on the tuning split of the labelled generated
+  images (``tests/fixtures/generated``, ``scripts/reader_agreement.py``):
+
+  * objects: both sure and agreeing -> that; one unsure -> the other; both sure and disagreeing
+    -> CLIP's (the more reliable on generated images), unless CLIP's margin is below
+    ``OVERRIDE_MARGIN``, then unsure;
+  * background: the oracle's when it names a class or says "none"; CLIP's when the oracle is unsure;
+  * attribute: the oracle's (CLIP confuses attributes on generated images more often).
+
+  Masks are the oracle's (a present object the oracle did not locate has mask None).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from negstudy.shapes import oracle, world
+
+NONE, UNSURE = oracle.NONE, oracle.UNSURE
+CLIP_MARGIN = 0.01  # cosine units: a +-1 grey-level change moves a score by < 0.002 (tests/test_reader.py)
+OVERRIDE_MARGIN = 0.02  # CLIP overrides a sure oracle object decision only with this margin
+
+
+@dataclass
+class Reading:
+    """What a reader decides on one image (see the module docstring)."""
+
+    objects: dict[str, bool | None]
+    background: str
+    attribute: str
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    margins: dict[str, float] = field(default_factory=dict)  # CLIP's per decision, cosine units
+    diagnostics: dict[str, float] = field(default_factory=dict)  # the oracle's (Verdict.diagnostics)
+
+    @property
+    def unsure(self) -> frozenset[str]:
+        out = {o for o, s in self.objects.items() if s is None}
+        return frozenset(out | {k for k in ("background", "attribute") if getattr(self, k) == UNSURE})
+
+    def present(self, name: str) -> bool:
+        return bool(self.objects.get(name))
+
+
+def oracle_readings(images: np.ndarray) -> list[Reading]:
+    return [
+        Reading(
+            objects={o: v.decision(o) for o in world.OBJECT_NAMES},
+            background=v.background_state,
+            attribute=v.attribute_state,
+            masks={**v.objects, **v.candidates},
+            diagnostics=v.diagnostics,
+        )
+        for v in oracle.inspect_batch(images)
+    ]
+
+
+def _world_captions():
+    """Captions, and per caption its object set, background and attribute (NONE if none)."""
+    from negstudy.evaluators.clip import shapes_captions
+
+    captions, named = shapes_captions()
+    specs = [world.parse_caption(c) for c in captions]
+    return captions, named, [s.background for s in specs], [s.attribute or NONE for s in specs]
+
+
+def _decide(best_in: np.ndarray, best_out: np.ndarray, margin: float) -> list[bool | None]:
+    d = best_in - best_out
+    return [True if x > margin else False if x < -margin else None for x in d]
+
+
+def clip_readings(clip, images: np.ndarray, margin: float = CLIP_MARGIN) -> list[Reading]:
+    """Readings of the shapes CLIP (a ClipEvaluator on the shapes world)."""
+    captions, named, backgrounds, attributes = _world_captions()
+    scores = (clip.image_embeds(images) @ clip.text_embeds(captions).T).numpy()  # (B, C)
+    n = len(images)
+    objects, margins = [dict() for _ in range(n)], [dict() for _ in range(n)]
+    for o in world.OBJECT_NAMES:
+        has = np.array([o in s for s in named])
+        best_in, best_out = scores[:, has].max(1), scores[:, ~has].max(1)
+        for i, (d, s) in enumerate(zip(best_in - best_out, _decide(best_in, best_out, margin))):
+            objects[i][o], margins[i][o] = s, float(d)
+
+    def best_class(labels: list[str], classes: Sequence[str], key: str) -> list[str]:
+        labels = np.array(labels)
+        per = np.stack([scores[:, labels == c].max(1) for c in classes], 1)  # (B, K)
+        top = np.sort(per, 1)
+        out = []
+        for i in range(n):
+            margins[i][key] = float(top[i, -1] - top[i, -2])
+            out.append(classes[int(per[i].argmax())] if margins[i][key] > margin else UNSURE)
+        return out
+
+    bgs = best_class(backgrounds, world.BACKGROUND_NAMES, "background")
+    attrs = best_class(attributes, world.ATTRIBUTES + (NONE,), "attribute")
+    return [Reading(objects[i], bgs[i], attrs[i], margins=margins[i]) for i in range(n)]
+
+
+def combine(o: Reading, c: Reading) -> Reading:
+    """The ensemble rule of the module docstring, for one image."""
+    objects = {}
+    for name in world.OBJECT_NAMES:
+        a, b = o.objects[name], c.objects[name]
+        if a is None or b is None or a == b:
+            objects[name] = b if a is None else a
+        else:
+            objects[name] = b if abs(c.margins.get(name, 0.0)) >= OVERRIDE_MARGIN else None
+    background = c.background if o.background == UNSURE else o.background
+    masks = {name: o.masks.get(name) for name, s in objects.items() if s or (s is None and name in o.masks)}
+    return Reading(objects, background, o.attribute, masks=masks, margins=c.margins)
+
+
+def ensemble_readings(clip, images: np.ndarray) -> list[Reading]:
+    return [combine(o, c) for o, c in zip(oracle_readings(images), clip_readings(clip, images))]
+
+
+def reading_row(r: Reading, prompt: str, negative: str) -> dict:
+    """The generation table's columns for one reading (the oracle evaluator's, plus unsure)."""
+    named = world.parse_caption(prompt)
+    target = world.parse_caption(negative or "")
+    present = sorted(o for o, s in r.objects.items() if s)
+    negative_present = None
+    if target.objects:
+        states = [r.objects.get(o) for o in target.objects]
+        negative_present = True if any(states) else (None if None in states else False)
+    elif target.attribute:
+        negative_present = None if r.attribute == UNSURE else r.attribute == target.attribute
+    named_states = [r.objects.get(o) for o in named.objects]
+    named_present = False if False in named_states else (None if None in named_states else True)
+    background = r.background if r.background in world.BACKGROUND_NAMES else None
+    return {
+        "objects": ",".join(present),
+        "n_objects": len(present),
+        "background": background,
+        "attribute": r.attribute if r.attribute in world.ATTRIBUTES else None,
+        "negative_present": negative_present,
+        "named_objects_present": named_present,
+        "unnamed_objects": ",".join(o for o in present if o not in named.objects),
+        "background_right": None if r.background == UNSURE else (named.background is None or background == named.background),
+        "background_state": r.background,
+        "attribute_state": r.attribute,
+        "unsure": ",".join(sorted(r.unsure)),
+    }
+
+
+class EnsembleEvaluator:
+    """The default reader of the shapes model as an evaluator (see the module docstring)."""
+
+    name = "ensemble"
+    locates = True
+
+    def __init__(self, clip):
+        self.clip = clip
+
+    @classmethod
+    def from_config(cls, cfg_evaluator, model_world: str | None) -> "EnsembleEvaluator":
+        from negstudy.evaluators.clip import ClipEvaluator
+
+        return cls(ClipEvaluator.from_config(cfg_evaluator, model_world))
+
+    def read(self, images: np.ndarray) -> list[Reading]:
+        return ensemble_readings(self.clip, images)
+
+    def objects(self, images, labels=None) -> list[dict[str, np.ndarray | None]]:
+        """Surely present objects (among ``labels``), each with the oracle's mask or None."""
+        return [{o: r.masks.get(o) for o, s in r.objects.items() if s and (labels is None or o in labels)}
+                for r in self.read(images)]
+
+    def present(self, images, names) -> list[bool | None]:
+        """True / False, or None where the reader is unsure (recorded as missing, never guessed)."""
+        return [r.objects.get(name) if name in world.OBJECT_NAMES else None for r, name in zip(self.read(images), names)]
+
+    def evaluate(self, images, items) -> list[dict]:
+        return [reading_row(r, it.prompt, it.negative) for r, it in zip(self.read(images), items)]
+
+
+# ----------------------------------------------------------------------------- agreement with labels
+
+DECISIONS = ("object", "background", "attribute")
+
+
+def load_labels(directory) -> tuple["object", np.ndarray]:
+    """The labelled generated images: (labels DataFrame, uint8 (N, 32, 32, 3) images in its order)."""
+    from pathlib import Path
+
+    import pandas as pd
+    from PIL import Image
+
+    directory = Path(directory)
+    table = pd.read_csv(directory / "labels.csv", dtype=str, keep_default_na=False)
+    images = np.stack([np.asarray(Image.open(directory / f).convert("RGB")) for f in table["file"]]) if len(table) else \
+        np.zeros((0, world.RESOLUTION, world.RESOLUTION, 3), np.uint8)
+    return table, images
+
+
+def agreement(table, readings: Sequence[Reading]) -> dict[str, dict]:
+    """Per decision type: agreement with the labels, unsure excluded and counted.
+
+    Labels other than 1/0 (objects), a class or ``none`` (background, attribute) are left out.
+    Returns {decision: {"agree", "n" (sure decisions compared), "unsure", "labelled", "rate",
+    "lo", "hi" (Wilson 95 %), "unsure_rate"}}.
+    """
+    from negstudy.critical import wilson
+
+    counts = {d: [0, 0, 0] for d in DECISIONS}  # agree, compared, unsure
+    allowed = {"background": set(world.BACKGROUND_NAMES) | {NONE}, "attribute": set(world.ATTRIBUTES) | {NONE}}
+
+    def add(kind: str, said, truth) -> None:
+        c = counts[kind]
+        if said is None or said == UNSURE:
+            c[2] += 1
+        else:
+            c[0] += said == truth
+            c[1] += 1
+
+    for (_, row), r in zip(table.iterrows(), readings):
+        for o in world.OBJECT_NAMES:
+            if row[o].strip() in ("0", "1"):
+                add("object", r.objects[o], row[o].strip() == "1")
+        for kind in ("background", "attribute"):
+            if row[kind].strip() in allowed[kind]:
+                add(kind, getattr(r, kind), row[kind].strip())
+    out = {}
+    for d, (k, n, u) in counts.items():
+        rate, lo, hi = wilson(k, n)
+        out[d] = {"agree": k, "n": n, "unsure": u, "labelled": n + u, "rate": rate, "lo": lo, "hi": hi,
+                  "unsure_rate": u / (n + u) if n + u else float("nan")}
+    return out
