@@ -23,8 +23,6 @@ from negstudy.records import atomic_path, to_uint8
 from negstudy.sampler import Batch
 from negstudy.schedules import Always, Never
 from negstudy.shapes import oracle, world
-from negstudy.studies.critical_step import concept_present
-from negstudy.studies.mechanisms import summarize
 
 COLOURS = {"always": "tab:red", "never": "tab:blue", "inside": "tab:red", "outside": "tab:blue", "all": "tab:grey"}
 
@@ -38,6 +36,8 @@ def save(fig: Figure, path: Path, dpi: int = 110) -> Path:
 
 
 def _band(ax, df: pd.DataFrame, x: str, value: str, units: Sequence[str], label: str, colour: str | None = None):
+    from negstudy.studies.mechanisms import summarize  # here: the studies import this module's helpers
+
     s = summarize(df, x, value, units)
     n = int(s.n.max()) if len(s) else 0
     line, = ax.plot(s[x], s["mean"], color=colour, label=f"{label} (n={n})")
@@ -71,14 +71,16 @@ def step_windows(n_steps: int, window: int) -> list[tuple[int, int]]:
 
 def fig_attention_grid(maps_pos, maps_neg, windows: Sequence[tuple[int, int]], hit_window: int | None,
                        image: np.ndarray | None = None, title: str = "Cross-attention by step window",
-                       words: tuple[str, str] = ("positive", "negative"), region: np.ndarray | None = None) -> Figure:
+                       words: tuple[str, str] = ("positive", "negative"), region: np.ndarray | None = None,
+                       hit_label: str = "first hit") -> Figure:
     """The paper's Figures 1/4: rows = positive-branch and negative-branch map of a word, columns = step windows.
 
     maps_pos, maps_neg: (steps, h, w) per-step maps (NaN where not recorded), averaged over each
     window of ``windows`` (inclusive (first, last) step pairs); each row shares one colour scale.
     hit_window: index of the first window whose negative map hits the object region (boxed), or
     None. image: optional (H, W, 3) image shown in a first column; region: optional bool (h, w)
-    object region, outlined on every map and on the image. words: the row labels.
+    object region, outlined on every map and on the image. words: the row labels. hit_label: the
+    text under the boxed window (e.g. the step of the hit).
     """
     rows = [window_means(maps_pos, windows), window_means(maps_neg, windows)]
     offset = 1 if image is not None else 0
@@ -109,7 +111,7 @@ def fig_attention_grid(maps_pos, maps_neg, windows: Sequence[tuple[int, int]], h
         for r in range(2):
             ax = axes[r, hit_window + offset]
             ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, edgecolor="red", lw=3, clip_on=False))
-        axes[1, hit_window + offset].set_xlabel("first hit", color="red", fontsize=8)
+        axes[1, hit_window + offset].set_xlabel(hit_label, color="red", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
@@ -129,9 +131,9 @@ def attention_grid_for(sampler, prompt: str, negative: str, seed: int, window: i
     mass_in_region, hit (NaN masses when the object does not appear without the negative), heat (the
     window-mean map, float32 (h, w): not written to parquet; W&B shows it in a table).
     """
-    if positive_word is None:
-        named = world.parse_caption(prompt).objects
-        positive_word = named[0] if named else prompt_words(prompt)[-1]
+    from negstudy.studies.critical_step import concept_present
+
+    positive_word = positive_word or positive_word_of(prompt)
     n = sampler.n_calls
     recorder = AttentionRecorder(sampler.unet, words=[negative, positive_word])
     batch = Batch([prompt] * 2, [negative] * 2, [seed] * 2, [Always().plan(n), Never().plan(n)])
@@ -155,6 +157,31 @@ def attention_grid_for(sampler, prompt: str, negative: str, seed: int, window: i
                              title=f"'{prompt}', negative '{negative}', seed {seed}\nimage without the negative, {where}; "
                                    f"boxed: first window with mass in region >= {threshold:g}")
     return fig, table
+
+
+def positive_word_of(prompt: str) -> str:
+    """The positive-branch word of a prompt's attention grid: the first object it names, else its last word."""
+    named = world.parse_caption(prompt).objects
+    return named[0] if named else prompt_words(prompt)[-1]
+
+
+def save_word_maps(recorder: AttentionRecorder, image: int, prompt: str, negative: str, region: np.ndarray | None,
+                   path: Path) -> Path:
+    """Write one image's per-step word maps for a later attention grid (:mod:`negstudy.report_html`).
+
+    ``path`` (.npz, atomic): positive = the positive word's map in the positive branch, negative =
+    the negative prompt's map in the negative branch, both (steps, h, w) float16 with NaN at steps
+    the branch was not computed; region = the concept's bool (h, w) mask (shape (0, 0) when none);
+    prompt, negative, positive_word. The recorder must keep both words (``words=[negative,
+    positive_word_of(prompt)]``).
+    """
+    word = positive_word_of(prompt)
+    arrays = {"positive": recorder.maps(image, "positive", word).numpy(), "negative": recorder.maps(image, "negative", negative).numpy(),
+              "region": np.zeros((0, 0), bool) if region is None else np.asarray(region, bool),
+              "prompt": np.array(prompt), "negative_prompt": np.array(negative), "positive_word": np.array(word)}
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------- mechanism curves

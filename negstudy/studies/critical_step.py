@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from negstudy.attention import AttentionRecorder, mass_in_mask
 from negstudy.datasets import pairs_of
+from negstudy.figures import positive_word_of, save_word_maps
 from negstudy.records import save_png, slug, to_uint8, write_table
 from negstudy.sampler import Batch, NegativeSampler
 from negstudy.schedules import FromStep, Never
@@ -78,7 +79,7 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     for p, seed, present in tqdm(jobs, desc="start-step sweep", unit="pair-seed"):
         pair = pairs[p]
         m = len(plans)
-        recorder = AttentionRecorder(sampler.unet, layers=sw.layers, words=[pair.negative], maps=maps_kind)
+        recorder = AttentionRecorder(sampler.unet, layers=sw.layers, words=[pair.negative, positive_word_of(pair.prompt)], maps=maps_kind)
         batch = Batch([pair.prompt] * m, [pair.negative] * m, [seed] * m, plans)
         images = to_uint8(sampler.generate(batch, [recorder]))
         verdicts = oracle.inspect_batch(images)
@@ -93,6 +94,8 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
         if cfg.save_images:
             save_png(np.concatenate(list(images), axis=1), out_dir / "strips" / f"{p:02d}_{slug(pair.prompt)}_neg-{slug(pair.negative, 20)}_s{seed}.png",
                      {"prompt": pair.prompt, "negative": pair.negative, "seed": seed, "start_steps": starts})
+            save_word_maps(recorder, 0, pair.prompt, pair.negative, region,  # the report's attention grids
+                           out_dir / "maps" / f"{p:02d}_{slug(pair.prompt)}_neg-{slug(pair.negative, 20)}_s{seed}.npz")
         strength = pd.concat([recorder.strength(v).assign(variant=v) for v in recorder.variants()])
         strength = strength[strength.image == 0]  # k = 0: the negative at every step
         for row in strength.itertuples():
