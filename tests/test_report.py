@@ -45,9 +45,43 @@ def test_report_finds_the_planted_critical_steps(tmp_path):
     obj = rem[rem.category == "object"].set_index("start_step").removed
     assert obj[0] == 1.0 and obj[10] == 1.0 and obj[20] == 0.0 and obj[31] == 0.0
     text = page.read_text()
-    assert text.count("data:image/png;base64,") == 3 and "critical steps" in text  # per category, per pair, removal
+    assert text.count("data:image/png;base64,") == 2 and "Critical steps" in text
     lines = report.summary_lines(tmp_path)
     assert any(line.startswith("critical step, object negatives: 5 ") for line in lines)
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def test_html_report_renders_in_chromium(tmp_path):
+    """The self-contained HTML in a real headless Chromium: figures load, tables show, no console errors."""
+    import shutil
+
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is needed for this test (bash scripts/setup.sh installs it)"
+    synthetic(tmp_path, np.random.default_rng(1))
+    page_path = report.build(tmp_path)
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(page_path.as_uri())
+        loaded = page.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth > 400)")
+        tables = page.evaluate("document.querySelectorAll('table').length")
+        cells = page.evaluate("document.querySelector('table td').innerText")
+        shot = tmp_path / "shot.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert loaded == [True, True] and tables == 2 and cells.strip()
+    assert errors == []
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # not blank: text, axes and curves drawn
 
 
 def test_report_cli_rejects_a_directory_without_results(tmp_path):
@@ -55,7 +89,36 @@ def test_report_cli_rejects_a_directory_without_results(tmp_path):
     assert proc.returncode == 2 and "no ratio.parquet, removal.parquet, reverse.parquet or removal_targets.parquet" in proc.stderr
 
 
-# test_main_job_end_to_end_on_the_shipped_model: in test_report_html.py, whose report test shares its run
+def test_main_job_end_to_end_on_the_shipped_model(tmp_path):
+    """`+sweep=critical_step` on tiny settings: a multirun over the overlay's two prompt shards, each
+    job's tables and report, the pooled report and the printed critical steps, W&B runs per job."""
+    out = tmp_path / "crit"
+    pairs = '[{prompt:"a ball on the grass",negative:sun,category:object},{prompt:"a box in the sky",negative:dark,category:attribute}]'
+    proc = subprocess.run(
+        [sys.executable, "-m", "negstudy", "+sweep=critical_step", "steps=5", "sweep.screen_seeds=2", "sweep.max_seeds=1",
+         "sweep.min_seeds=1", "sweep.stride=2", f"dataset.pairs={pairs}", f"hydra.sweep.dir={out}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"sweep report -> {out / 'report' / 'report.html'}" in proc.stdout
+    pooled = proc.stdout[proc.stdout.index("sweep report ->"):]
+    assert "critical step, object negatives:" in pooled and "critical step, attribute negatives:" in pooled
+    ratio = pd.concat([pd.read_parquet(out / job / "ratio.parquet") for job in ("0", "1")])
+    assert set(pd.read_parquet(out / "0" / "ratio.parquet").category) == {"object"}  # shard 0: the first pair
+    assert set(ratio.category) == {"object", "attribute"} and ratio.step.max() == 5  # PNDM: 6 calls
+    assert set(ratio.variant) == {"all_tokens", "word_tokens"} and (ratio.ratio > 0).all()
+    removal = pd.read_parquet(out / "0" / "removal.parquet")
+    assert sorted(removal.start_step.unique()) == [0, 2, 4, 6]  # k = 6: never
+    assert (out / "report" / "ratio_curves.png").stat().st_size > 5000
+    crit = pd.read_csv(out / "report" / "critical_steps.csv")
+    assert set(crit[crit.level == "category"].category) == {"object", "attribute"}
+    from negstudy.tracking import read_offline_run  # W&B offline is the default logger
+
+    run = read_offline_run(next((out / "0" / "wandb").glob("offline-run-*")))
+    assert "critical_step/object" in run["summary"] and run["group"] == f"critical_step:{out}"
+    assert [row["step"] for row in run["history"] if "ratio/object" in row] == list(range(6))
+    strips = [row for row in run["history"] if row.get("image_strips/_type") == "table-file"]
+    assert strips and strips[0]["image_strips/nrows"] == 1  # one (pair, seed) strip in shard 0
 
 
 def test_multirun_ends_with_one_report_over_all_jobs(tmp_path):
@@ -75,7 +138,8 @@ def test_multirun_ends_with_one_report_over_all_jobs(tmp_path):
     assert len(negatives[0] | negatives[1]) == 2 and not negatives[0] & negatives[1]  # disjoint shards of 2 pairs
     pooled = pd.read_csv(sweep / "report" / "reverse_activation.csv")
     per_job = sum(len(pd.read_parquet(sweep / j / "reverse.parquet")) for j in jobs)
-    assert pooled.n.sum() == per_job and sorted(pooled.k) == [0, 2, 4, 5]
+    assert pooled.n_pair_seeds.sum() == per_job and sorted(pooled.k) == [0, 2, 4, 5]
+    assert (pooled.n_pairs <= 2).all()
     from negstudy.tracking import read_offline_run
 
     runs = [read_offline_run(d) for d in sweep.rglob("offline-run-*")]
@@ -107,3 +171,63 @@ def test_attention_maps_sweep_writes_grids(tmp_path):
     table = next(t for t in staged if t.get("_type") == "table" and "heat" in t["columns"])
     column = table["columns"].index("heat")
     assert len(table["data"]) == len(windows) and all(row[column]["_type"] == "image-file" for row in table["data"])
+
+
+def bump(peak: int, height: float) -> np.ndarray:
+    steps = np.arange(31)
+    return 1.0 + height * np.exp(-0.5 * ((steps - peak) / 2.0) ** 2)
+
+
+def test_pairs_sharing_seeds_are_pooled_as_pairs_x_seeds(tmp_path):
+    """Two object pairs of one job with the same negative word share seeds 0 and 1. Pair A (6 seeds)
+    peaks at step 5, pair B (2 seeds) higher at step 15. Pooled over the 8 pair-seeds the mean curve
+    peaks at 15; averaging the pairs per seed first (pivoting on job and seed) peaks at 5."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for pair, seeds, curve in ((0, range(6), bump(5, 0.05)), (1, range(2), bump(15, 0.2))):
+        for seed in seeds:
+            noisy = curve + rng.normal(0, 0.001, 31)
+            rows += [{"pair": pair, "negative": "sun", "category": "object", "seed": seed, "present_without_negative": True,
+                      "step": s, "variant": "all_tokens", "ratio": float(v)} for s, v in enumerate(noisy)]
+    (tmp_path / "0").mkdir()
+    pd.DataFrame(rows).to_parquet(tmp_path / "0" / "ratio.parquet")
+    crit = report.critical_steps(report._read(tmp_path, "ratio"), pd.DataFrame())
+    cat = crit[crit.level == "category"].iloc[0]
+    assert cat.critical_step == 15
+    assert (cat.n_pairs, cat.n_pair_seeds) == (2, 8)
+    pairs = crit[crit.level == "pair"].sort_values("critical_step")
+    assert pairs.critical_step.tolist() == [5, 15] and pairs.n_pair_seeds.tolist() == [6, 2]
+    assert (pairs.ci_low <= pairs.critical_step).all() and (pairs.critical_step <= pairs.ci_high).all()
+    # two pairs that disagree: the category interval spans both peaks (pairs are resampled, not only seeds)
+    assert cat.ci_low <= 5 and cat.ci_high >= 15
+
+
+def test_rates_cluster_by_pair():
+    """Four pairs share seeds 0..4: two always show the effect, two never. 20 pair-seeds, but only
+    4 independent prompts: the interval must be far wider than Wilson's over 20 trials."""
+    reverse, removal, targets = [], [], []
+    for pair, (prompt, hit) in enumerate((("a ball on the grass", True), ("a box in the sky", False),
+                                          ("a tree on the sand", True), ("a kite at night", False))):
+        for seed in range(5):
+            reverse += [{"pair": pair, "prompt": prompt, "negative": "sun", "seed": seed, "k": k, "appears": hit and k > 0}
+                        for k in (0, 3)]
+            removal.append({"pair": pair, "prompt": prompt, "negative": "sun", "category": "object", "seed": seed,
+                            "present_without_negative": True, "start_step": 0, "concept_present": not hit, "psnr_outside": 20.0})
+            for method in ("from0", "window"):
+                targets.append({"dataset": "d", "caption": pair, "prompt": prompt, "seed": seed, "object": "sun", "method": method,
+                                "removed": hit or method == "from0", "prefers_over_from0": None if method == "from0" else hit,
+                                "preference_source": "psnr_out", "psnr_out": 20.0, "ssim_out": 0.9, "regenerations": 0,
+                                "start": 0, "critical_source": "fallback"})
+    frame = lambda rows: pd.DataFrame(rows).assign(job="0")  # noqa: E731
+    wilson_20 = (0.299, 0.701)
+    rev = report.reverse_activation(frame(reverse)).set_index("k")
+    assert rev.loc[3, "appears"] == 0.5 and (rev.loc[3, "n_pairs"], rev.loc[3, "n_pair_seeds"]) == (4, 20)
+    assert rev.loc[3, "ci_low"] < 0.2 and rev.loc[3, "ci_high"] > 0.8  # Wilson over 20 trials: 0.30..0.70
+    assert rev.loc[0, "appears"] == 0 and rev.loc[0, "ci_high"] > 0.1  # 0 of 20: the Wilson end is kept
+    rem = report.removal_vs_start(frame(removal)).iloc[0]
+    assert rem.removed == 0.5 and rem.ci_low < wilson_20[0] - 0.1 and rem.ci_high > wilson_20[1] + 0.1
+    methods = report.removal_methods(frame(targets)).set_index("method")
+    window = methods.loc["fixed window"]
+    assert (window.n_captions, window.objects) == (4, 20) and window.vs_from0 == 0.5
+    assert window.vs_from0_low < 0.3 and window.vs_from0_high > 0.7
+    assert window.preferred == 0.5 and window.preferred_low < 0.2 and window.preferred_high > 0.8

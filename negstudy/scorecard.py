@@ -1,0 +1,552 @@
+"""The replication scorecard: each claim of Ban et al. (PAPER.md), measured on THIS run, with a verdict.
+
+    python -m negstudy.scorecard <run or multirun directory>     # also written by python -m negstudy.report
+
+One row per claim: the paper's value, negstudy's measured value with its 95 % interval and n on
+this run, a verdict computed by the rule written in the row, and the table it comes from. Nothing
+is typed by hand: every measured value is computed here from the run's tables (ratio.parquet,
+attention.parquet, reverse.parquet, inducing/momentum/energy.parquet, removal_targets.parquet), with
+negstudy.report's pooling (one unit per (job, pair, seed); intervals resample pairs, then seeds
+within pairs; removal: captions, then objects). The header names the model(s) the run used (the
+jobs' config.yaml), the model's measured quality (its card) and the reader's measured agreement.
+
+Verdicts, in this order:
+
+1. ``not measured in this run``: the table the claim needs is absent (the row names the sweep that
+   writes it), or the run's tables lack what the claim needs (the row says what).
+2. ``inconclusive at this n``: fewer than MIN_CLUSTERS pairs (captions) or MIN_UNITS pair-seeds
+   (objects) behind the number, whatever its interval.
+3. ``holds``: the 95 % interval satisfies the row's "holds" condition; for a claimed value with a
+   band, the interval lies INSIDE the band (an equivalence rule: the data pin the value near the
+   paper's, not merely fail to exclude it).
+4. ``does not hold``: the interval satisfies the row's "does not hold" condition (for a band: the
+   interval lies entirely OUTSIDE it).
+5. ``inconclusive at this n``: anything else (the interval straddles an edge).
+6. The instrument: a model or a reader that could not have shown an effect cannot refute it, so
+   "does not hold" becomes ``inconclusive (instrument)`` when
+   - the model's measured quality is below target (MODEL_TARGETS, the targets of the shipped
+     model's plan: object recall and background right >= 95 %, read from ``quality.json``
+     beside the model (``scripts/measure_shapes.py --json``) or its card's table), or
+   - the claim is read by the reader (reverse activation, energy barrier, removal) and the
+     reader's agreement with by-eye labels on generated images is below target (READER_TARGETS:
+     object >= 98 %, background >= 97 %, on the held-out split) or was never measured
+     ("reader not validated").
+   A model whose quality was never measured (a hub checkpoint without a card) is not held against
+   the claim; the header says "not measured". "holds" is never downgraded: the effect showed
+   through the instrument.
+
+The reader's agreement comes from ``reader_agreement.json`` beside the model
+(``negstudy/models/<model>/reader_agreement.json``, written by
+``scripts/reader_agreement.py --out negstudy/models/<model>/reader_agreement.md``):
+``{"holdout": {reader: {"object": {"rate", "lo", "hi", "n"}, "background": {...}, ...}}, "tune": ...}``.
+The reader of a run is its jobs' ``evaluator.name`` (removal: the ``evaluator`` column).
+
+Steps are UNet-call indices (negstudy.schedules); the paper's are those of 31 calls. A run with
+another loop length is compared on the paper's grid: step x 30 / (n_calls - 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from negstudy import report
+from negstudy.critical import cluster_mean_ci, cluster_rate_ci
+
+MIN_CLUSTERS = 3  # pairs (captions): fewer, and a bootstrap over them says little
+MIN_UNITS = 10  # pair-seeds (objects)
+PAPER_CALLS = 31  # the paper's loop: 30 PNDM steps, 31 UNet calls
+MODEL_TARGETS = {"object_recall": 0.95, "background_right": 0.95}
+READER_TARGETS = {"object": 0.98, "background": 0.97}
+READER_SPLIT = "holdout"
+REVERSE_EARLY = 10  # the paper's reverse-activation ks: 1..10 of 31 calls (plus 20, 30)
+READER_ERROR = 0.02  # object decisions the reader may get wrong at its target (1 - 0.98)
+
+HOLDS, FAILS, OPEN, INSTRUMENT, ABSENT = ("holds", "does not hold", "inconclusive at this n",
+                                          "inconclusive (instrument)", "not measured in this run")
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A measured value with its 95 % interval (inf / -inf for an open end) and its n."""
+
+    value: float
+    low: float
+    high: float
+    n_clusters: int
+    n_units: int
+    text: str  # the value as the row shows it
+    unit: str = "pairs x pair-seeds"
+    missing: str = ""  # measured in part: what the verdict would need that the run's tables lack
+
+
+@dataclass(frozen=True)
+class Claim:
+    key: str
+    claim: str
+    paper: str
+    rule: str  # shown in the row
+    holds: Callable[[float, float], bool]
+    fails: Callable[[float, float], bool]
+    table: str
+    sweep: str
+    uses_reader: bool
+
+
+def inside(a: float, b: float):
+    return lambda lo, hi: a <= lo and hi <= b
+
+
+def outside(a: float, b: float):
+    return lambda lo, hi: hi < a or lo > b
+
+
+def _grid(x, n_calls: int) -> float:
+    """A step of a loop of n_calls on the paper's 31-call grid; None (never) -> inf."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return math.inf
+    return float(x) * (PAPER_CALLS - 1) / (n_calls - 1)
+
+
+def _steps_text(step, low, high, n_calls: int) -> str:
+    def s(x):
+        return "never" if x is None or pd.isna(x) else f"{int(x)}"
+
+    text = f"step {s(step)} (95 % CI {s(low)}..{s(high)}) of {n_calls} calls"
+    if n_calls != PAPER_CALLS:
+        def g(x):
+            v = _grid(None if x is None or pd.isna(x) else x, n_calls)
+            return "never" if math.isinf(v) else f"{v:.1f}"
+        text += f" = {g(step)} ({g(low)}..{g(high)}) of {PAPER_CALLS}"
+    return text
+
+
+# ----------------------------------------------------------------------------- the claims
+
+CLAIMS = (
+    Claim("noun_peak_step", "Object (noun) negatives: the strength ratio peaks early",
+          "peak at step 5 of 31 calls (10 pairs x 10 seeds, SD 2 base)",
+          "holds if the 95 % CI of the peak step (31-call grid) lies within steps 2..8 (paper +-3); "
+          "does not hold if it lies entirely outside",
+          inside(2, 8), outside(2, 8), "ratio", "+sweep=critical_step (the main job)", False),
+    Claim("noun_peak_height", "Object (noun) negatives: the peak strength ratio",
+          "max ~1.07", "holds if the 95 % CI of the mean curve's maximum lies within 1.02..1.12 (paper +-0.05); "
+          "does not hold if it lies entirely outside",
+          inside(1.02, 1.12), outside(1.02, 1.12), "ratio", "+sweep=critical_step (the main job)", False),
+    Claim("adjective_crossing", "Attribute (adjective) negatives: the ratio starts below 1 and crosses it near step 10",
+          "crosses 1 near step 10 of 31 calls, then plateaus",
+          "crossing by the default rule (stays >= 1 up to dips of 0.01); holds if its 95 % CI (31-call grid) lies "
+          "within steps 7..13 (paper +-3); does not hold if it lies entirely outside (never crossing counts as outside)",
+          inside(7, 13), outside(7, 13), "ratio", "+sweep=critical_step (the main job)", False),
+    Claim("attention_later", "The negative word's attention reaches the object's region later than the positive prompt's",
+          "several steps later (Figures 1 and 4, judged by eye)",
+          "needs, per pair-seed, the step at which the positive prompt's attention reaches the same region; "
+          "holds if the 95 % CI of (negative's step - positive's step) is above 0, does not hold if below 0",
+          lambda lo, hi: lo > 0, lambda lo, hi: hi < 0, "attention", "+sweep=critical_step (the main job)", True),
+    Claim("reverse_activation", "Reverse activation: the negative in the first steps only CREATES the object it names",
+          "shown qualitatively (e.g. office woman + 'glasses' for the first k steps: she wears glasses)",
+          f"rate of pair-seeds (object absent without the negative) in which it appears for some k in 1..{REVERSE_EARLY} "
+          f"of 31 calls; holds if the 95 % CI is above the reader's error allowance {READER_ERROR:.0%}, does not hold if "
+          f"it lies below it",
+          lambda lo, hi: lo > READER_ERROR, lambda lo, hi: hi <= READER_ERROR, "reverse", "+sweep=reverse_activation", True),
+    Claim("inducing", "Inducing: D(t) starts at 0 and grows",
+          "D(0) = 0, grows to ~0.37 (L2 norm on SD 2 latents; negstudy's D is in RMS units: magnitudes do not compare)",
+          "mean D(t) over the second half of the steps; holds if its 95 % CI is above 0, does not hold if it is at or below 0",
+          lambda lo, hi: lo > 0, lambda lo, hi: hi <= 0, "inducing", "+sweep=mechanisms", False),
+    Claim("momentum", "Momentum: m(t) = cos(eps_pos(t), eps_pos(t+1)) stays ~1 until the last steps",
+          "~0.999 until the last steps, then ~0.92 (the author's code: cosine of signs)",
+          "mean m(t) over the first 80 % of the steps, negative at every step, as the cosine of signs (m_sign, the "
+          "paper's) when the table has it, else of the raw vectors (m); holds if its 95 % CI lies within 0.98..1, "
+          "does not hold if it lies below 0.98",
+          inside(0.98, 1.0), lambda lo, hi: hi < 0.98, "momentum", "+sweep=mechanisms", False),
+    Claim("energy_barrier", "Energy barrier: the denoising error of a background/object mix peaks near theta 0.5",
+          "a barrier of ~+20 % at theta ~0.5 (t = 100)",
+          "error at theta 0.5 relative to the mean of the ends (theta 0 and 1), minus 1, at the least-noised step "
+          "measured; holds if its 95 % CI is above 0, does not hold if it is at or below 0",
+          lambda lo, hi: lo > 0, lambda lo, hi: hi <= 0, "energy", "+sweep=mechanisms", True),
+)
+REMOVAL_CLAIMS = (
+    ("vs_from0", "Windowed removal: removal rate relative to the negative from step 0",
+     "83-87 % (5 prompt sets, 877-3154 objects each)",
+     "holds if the 95 % CI of (windowed rate / from-0 rate) lies within 0.75..0.95 (paper 85 % +-10 points); "
+     "does not hold if it lies entirely outside", inside(0.75, 0.95), outside(0.75, 0.95)),
+    ("preferred", "Windowed removal is preferred to from-0 as closer to the original",
+     "82-83 % (GPT-4V judge)",
+     "holds if the 95 % CI of the preference rate lies within 0.73..0.93 (paper 83 % +-10 points); "
+     "does not hold if it lies entirely outside", inside(0.73, 0.93), outside(0.73, 0.93)),
+)
+
+
+# ----------------------------------------------------------------------------- the instrument
+
+
+def run_configs(root: Path) -> list[dict]:
+    """The config.yaml of every job under ``root`` (resolved, as the jobs wrote them)."""
+    import yaml
+
+    paths = sorted(p for p in Path(root).rglob("config.yaml") if not {"report", ".hydra"} & set(p.relative_to(root).parts))
+    return [yaml.safe_load(p.read_text()) or {} for p in paths]
+
+
+def model_dir(model: dict) -> Path | None:
+    """The directory of a shipped or local model (its card, quality.json, reader_agreement.json); None for a hub id."""
+    from negstudy.config import BUILTIN_PREFIX, builtin_model_dir
+
+    path = str(model.get("path") or "")
+    if path.startswith(BUILTIN_PREFIX):
+        return builtin_model_dir(path[len(BUILTIN_PREFIX):])
+    if path and Path(path).expanduser().is_dir():
+        return Path(path).expanduser()
+    name = builtin_model_dir(str(model.get("name") or "_"))
+    return name if name.is_dir() else None
+
+
+CARD_ROWS = {"object_recall": "per-object recall", "background_right": "background right"}
+
+
+def model_quality(directory: Path | None) -> tuple[dict, str]:
+    """({measure: rate}, source): quality.json beside the model, else the rows of its card's table."""
+    if directory is None:
+        return {}, "not measured (no model card)"
+    path = directory / "quality.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        return {k: float(data[k]) for k in MODEL_TARGETS if k in data}, str(path)
+    card = directory / "README.md"
+    found = {}
+    if card.exists():
+        for line in card.read_text().splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            for key, label in CARD_ROWS.items():
+                if len(cells) > 1 and cells[0].lower().startswith(label):
+                    m = re.match(r"([\d.]+)\s*%", cells[1])
+                    if m:
+                        found.setdefault(key, float(m.group(1)) / 100)
+    return found, (str(card) if found else "not measured (no quality.json, no quality table in the card)")
+
+
+def reader_agreement(directory: Path | None, reader: str) -> tuple[dict, str]:
+    """({decision: rate}, source) of ``reader`` on the held-out labels; {} when not validated."""
+    path = directory / "reader_agreement.json" if directory is not None else None
+    if path is None or not path.exists():
+        return {}, "reader not validated (no reader_agreement.json beside the model)"
+    data = json.loads(path.read_text())
+    split = data.get(READER_SPLIT, data)
+    entry = split.get(reader) if isinstance(split, dict) else None
+    if not isinstance(entry, dict):
+        return {}, f"reader not validated ({path} has no {READER_SPLIT} agreement of reader {reader!r})"
+    rates = {}
+    for decision, v in entry.items():
+        rate = v.get("rate") if isinstance(v, dict) else v
+        if isinstance(rate, (int, float)) and not (isinstance(v, dict) and v.get("n", 1) == 0):
+            rates[decision] = float(rate)
+    return rates, str(path)
+
+
+@dataclass(frozen=True)
+class Instrument:
+    models: list[str]
+    model_ok: bool  # False: measured and below target
+    model_text: str
+    readers: list[str]
+    reader_ok: bool  # False: below target or not validated
+    reader_text: str
+
+
+def instrument(root: Path, targets: pd.DataFrame | None = None) -> Instrument:
+    configs = run_configs(root)
+    models = list(dict.fromkeys(f"{c.get('model', {}).get('name', '?')} ({c.get('model', {}).get('path', '?')})"
+                                for c in configs)) or ["unknown (no config.yaml in the run)"]
+    readers = list(dict.fromkeys(str(c.get("evaluator", {}).get("name", "?")) for c in configs))
+    if targets is not None and not targets.empty and "evaluator" in targets:
+        readers = list(dict.fromkeys(list(targets.evaluator.astype(str)) + [r for r in readers if r != "?"]))
+    readers = readers or ["unknown"]
+    model_ok, reader_ok, mtexts, rtexts = True, True, [], []
+    for c in configs or [{}]:
+        directory = model_dir(c.get("model", {}))
+        quality, source = model_quality(directory)
+        below = [k for k, t in MODEL_TARGETS.items() if k in quality and quality[k] < t]
+        model_ok &= not below
+        shown = ", ".join(f"{k} {quality[k]:.1%} (target >= {MODEL_TARGETS[k]:.0%})" for k in MODEL_TARGETS if k in quality)
+        mtexts.append(f"{c.get('model', {}).get('name', 'unknown model')}: {shown or source}" + (f" [{source}]" if shown else "")
+                      + (": BELOW TARGET" if below else ""))
+        for reader in readers:
+            rates, rsource = reader_agreement(directory, reader)
+            if not rates:
+                reader_ok = False
+                rtexts.append(f"{reader}: {rsource}")
+                continue
+            low = [d for d, t in READER_TARGETS.items() if rates.get(d, -1.0) < t]
+            reader_ok &= not low
+            rtexts.append(f"{reader} on the {READER_SPLIT} labels: " + ", ".join(
+                f"{d} {rates[d]:.1%} (target >= {t:.0%})" if d in rates else f"{d} not measured" for d, t in READER_TARGETS.items())
+                + f" [{rsource}]" + (": BELOW TARGET" if low else ""))
+    return Instrument(models, model_ok, "; ".join(dict.fromkeys(mtexts)), readers, reader_ok, "; ".join(dict.fromkeys(rtexts)))
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def _ratio_measures(crit: pd.DataFrame) -> dict[str, Measure | str]:
+    out: dict[str, Measure | str] = {}
+    rows = crit[crit.level == "category"].set_index("category") if not crit.empty else pd.DataFrame()
+    if "object" in rows.index:
+        r = rows.loc["object"]
+        n = int(r.n_steps)
+        out["noun_peak_step"] = Measure(_grid(r.critical_step, n), _grid(r.ci_low, n), _grid(r.ci_high, n), int(r.n_pairs),
+                                        int(r.n_pair_seeds), _steps_text(r.critical_step, r.ci_low, r.ci_high, n))
+        out["noun_peak_height"] = Measure(float(r.peak_ratio), float(r.peak_ratio_low), float(r.peak_ratio_high), int(r.n_pairs),
+                                          int(r.n_pair_seeds), f"{r.peak_ratio:.3f} (95 % CI {r.peak_ratio_low:.3f}.."
+                                                               f"{r.peak_ratio_high:.3f}) at step {int(r.critical_step)}")
+        if pd.notna(r.get("attention_n", np.nan)):
+            out["attention_later"] = Measure(
+                _grid(r.attention_step_mean, n), _grid(r.attention_step_low, n), _grid(r.attention_step_high, n),
+                int(r.attention_n_pairs), int(r.attention_n),
+                f"the negative word reaches the region (lift >= {report.HIT_LIFT:g}) at step {r.attention_step_mean:.1f} "
+                f"(95 % CI {r.attention_step_low:.1f}..{r.attention_step_high:.1f}) of {n} calls; never in "
+                f"{int(r.attention_never)} of {int(r.attention_n)} pair-seeds",
+                missing="the positive prompt's attention on the same region: attention.parquet has the negative word's only")
+    else:
+        out["noun_peak_step"] = out["noun_peak_height"] = "ratio.parquet has no object negatives"
+    if "attribute" in rows.index:
+        r = rows.loc["attribute"]
+        n = int(r.n_steps)
+        low = _grid(r.ci_low, n)
+        out["adjective_crossing"] = Measure(_grid(r.critical_step, n), low, _grid(r.ci_high, n), int(r.n_pairs),
+                                            int(r.n_pair_seeds), _steps_text(r.critical_step, r.ci_low, r.ci_high, n)
+                                            + f"; ratio at step 0 {r.ratio_at_step0:.3f}")
+    else:
+        out["adjective_crossing"] = "ratio.parquet has no attribute negatives"
+    return out
+
+
+def _units(frame: pd.DataFrame, value: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per (job, pair, seed): the mean of ``value`` and the pair label."""
+    g = frame.assign(pair_label=report.pair_labels(frame)).groupby(report.UNIT + ["pair_label"])[value].mean().reset_index()
+    return g[value].to_numpy(dtype=float), g.pair_label.to_numpy()
+
+
+def _mean_measure(frame: pd.DataFrame, value: str, fmt: str, extra: str = "") -> Measure:
+    values, pairs = _units(frame, value)
+    m, lo, hi = cluster_mean_ci(values, pairs)
+    return Measure(m, lo, hi, len(set(pairs)), len(values), f"{fmt.format(m)} (95 % CI {fmt.format(lo)}..{fmt.format(hi)}){extra}")
+
+
+def _reverse(reverse: pd.DataFrame) -> Measure | str:
+    n_calls = int(reverse.k.max())  # k = n_calls: the negative at every step
+    top = max(1, round(REVERSE_EARLY * n_calls / PAPER_CALLS))
+    early = reverse[(reverse.k >= 1) & (reverse.k <= top) & (reverse.k < n_calls)]
+    if early.empty:
+        return f"reverse.parquet has no k in 1..{top} of {n_calls} calls (the sweep's stride skips them)"
+    frame = reverse.assign(pair_label=report.pair_labels(reverse))
+    key = report.UNIT + ["pair_label"]
+    base = frame[frame.k == 0].groupby(key).appears.any()
+    seen = frame[frame.k.isin(early.k.unique())].groupby(key).appears.any()
+    seen = seen[~base.reindex(seen.index, fill_value=False)]  # the object was absent without the negative
+    pairs = seen.index.get_level_values("pair_label").to_numpy()
+    rate, lo, hi = cluster_rate_ci(seen.to_numpy(dtype=bool), pairs)
+    ks = ", ".join(str(k) for k in sorted(early.k.unique()))
+    return Measure(rate, lo, hi, len(set(pairs)), len(seen), f"{rate:.0%} (95 % CI {lo:.0%}..{hi:.0%}) of pair-seeds, "
+                                                            f"k in {{{ks}}} of {n_calls} calls")
+
+
+def _energy(energy: pd.DataFrame) -> Measure | str:
+    energy = energy.dropna(subset=["relative"])
+    if energy.empty:
+        return "energy.parquet has no relative errors (no confirmed background and object images)"
+    timestep = int(energy.timestep.min())  # the least-noised mix measured (the paper: t = 100)
+    at = energy[energy.timestep == timestep]
+    thetas = np.sort(at.theta.unique())
+    theta = float(thetas[np.argmin(np.abs(thetas - 0.5))])
+    curve = at.groupby("theta").relative.mean()
+    variant = f", variant {', '.join(sorted(at.variant.astype(str).unique()))}" if "variant" in at else ""
+    return _mean_measure(at[at.theta == theta].assign(barrier=lambda d: d.relative - 1), "barrier", "{:+.1%}",
+                         f" at theta {theta:g}, timestep {timestep} (step {int(at.step.iloc[0])}{variant}); the mean curve "
+                         f"peaks at theta {float(curve.idxmax()):g}")
+
+
+def _removal(targets: pd.DataFrame) -> list[tuple[str, str, Measure | str]]:
+    """(key suffix, label, measure) per dataset and windowed method, for REMOVAL_CLAIMS."""
+    methods = report.removal_methods(targets)
+    out = []
+    for r in methods[methods.method != report.METHOD_NAMES["from0"]].itertuples():
+        label = f"{r.method}, {r.dataset}"
+        out.append(("vs_from0", label, Measure(
+            r.vs_from0, r.vs_from0_low, r.vs_from0_high, int(r.n_captions), int(r.objects),
+            f"{r.vs_from0:.0%} (95 % CI {r.vs_from0_low:.0%}..{r.vs_from0_high:.0%}): {r.removed:.0%} vs from-0's "
+            f"{methods[(methods.dataset == r.dataset) & (methods.method == report.METHOD_NAMES['from0'])].removed.iloc[0]:.0%}",
+            "captions x objects")))
+        if pd.notna(getattr(r, "preferred", np.nan)):
+            by = "the judge" if r.preference_by == "judge" else "higher PSNR outside the object (no judge)"
+            out.append(("preferred", label, Measure(
+                r.preferred, r.preferred_low, r.preferred_high, int(r.n_captions), int(r.preferred_n),
+                f"{r.preferred:.0%} (95 % CI {r.preferred_low:.0%}..{r.preferred_high:.0%}), by {by}", "captions x objects")))
+        else:
+            out.append(("preferred", label, "no preference recorded (removal_targets.prefers_over_from0 empty)"))
+    return out
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+def verdict(m: Measure | str | None, holds, fails, uses_reader: bool, inst: Instrument) -> str:
+    """The verdict of one measured claim by the rules of the module docstring."""
+    if not isinstance(m, Measure) or m.missing or all(np.isnan(x) for x in (m.value, m.low, m.high)):
+        return ABSENT
+    if m.n_clusters < MIN_CLUSTERS or m.n_units < MIN_UNITS:
+        return OPEN
+    if holds(m.low, m.high):
+        return HOLDS
+    if fails(m.low, m.high):
+        return FAILS if inst.model_ok and (inst.reader_ok or not uses_reader) else INSTRUMENT
+    return OPEN
+
+
+def _row(claim: str, paper: str, rule: str, m: Measure | str | None, v: str, source: str, sweep: str, uses_reader: bool) -> dict:
+    """m: the measure, a sentence saying why the run's tables cannot give it, or None (the table is absent)."""
+    measured = isinstance(m, Measure)
+    if v == ABSENT:
+        v = f"{ABSENT} ({sweep} writes {source})" if m is None else f"{ABSENT} (needs {m.missing})" if measured else f"{ABSENT} ({m})"
+    clusters, units = m.unit.split(" x ") if measured else ("", "")
+    return {"claim": claim, "paper": paper, "measured": m.text if measured else "-",
+            "n": f"{m.n_clusters} {clusters} x {m.n_units} {units}" if measured else "-", "verdict": v,
+            "rule": rule + (" [read by the reader]" if uses_reader else ""), "source": source,
+            "value": m.value if measured else np.nan, "low": m.low if measured else np.nan, "high": m.high if measured else np.nan,
+            "n_clusters": m.n_clusters if measured else 0, "n_units": m.n_units if measured else 0}
+
+
+def scorecard(root: str | Path, variant: str = report.DEFAULT_VARIANT) -> tuple[pd.DataFrame, Instrument]:
+    """The scorecard of the run under ``root``: one row per claim (see the module docstring), and the instrument."""
+    root = Path(root)
+    tables = {name: report._read(root, name) for name in
+              ("ratio", "attention", "screen", "reverse", "inducing", "momentum", "energy", "removal_targets")}
+    inst = instrument(root, tables["removal_targets"])
+    measures: dict[str, Measure | str | None] = {}
+    ratio = tables["ratio"]
+    if not ratio.empty:
+        ratio = ratio[ratio.variant == variant] if "variant" in ratio else ratio
+        crit = report.critical_steps(ratio, tables["attention"], variant, screen=tables["screen"]) if len(ratio) else pd.DataFrame()
+        measures.update(_ratio_measures(crit))
+    if not tables["reverse"].empty:
+        measures["reverse_activation"] = _reverse(tables["reverse"])
+    if not tables["inducing"].empty:
+        ind = tables["inducing"]
+        late = ind[ind.step >= ind.step.max() / 2]
+        d0 = ind[ind.step == 0].D.abs().max()
+        l2 = (f"; the author's unit (L2, mean over steps 0..9): {ind[ind.step < 10].D_l2.mean():.3f}"
+              if "D_l2" in ind and ind.D_l2.notna().any() else "")
+        measures["inducing"] = _mean_measure(late, "D", "{:.4f}", f" RMS units, steps {int(late.step.min())}..{int(ind.step.max())}; "
+                                                                  f"max |D(0)| {d0:.1e}{l2}")
+    if not tables["momentum"].empty:
+        mom = tables["momentum"]
+        mom = mom[mom.schedule == "always"] if "schedule" in mom else mom
+        last = int(mom.step.max())
+        early = mom[mom.step <= 0.8 * last]
+        # the paper's number is the cosine of the SIGNS (the author's code), written as m_sign; negstudy's m beside it
+        col = "m_sign" if "m_sign" in mom and mom.m_sign.notna().any() else "m"
+        other = f"; negstudy's raw-vector m {early.m.mean():.4f}" if col == "m_sign" else ""
+        measures["momentum"] = _mean_measure(early, col, "{:.4f}", f" ({col}), steps 0..{int(early.step.max())}; at the last step "
+                                                                   f"{mom[mom.step == last][col].mean():.4f}{other}")
+    if not tables["energy"].empty:
+        measures["energy_barrier"] = _energy(tables["energy"])
+    rows = []
+    for c in CLAIMS:
+        m = measures.get(c.key)
+        v = verdict(m, c.holds, c.fails, c.uses_reader, inst)
+        rows.append(_row(c.claim, c.paper, c.rule, m, v, f"{c.table}.parquet", c.sweep, c.uses_reader))
+    removal = _removal(tables["removal_targets"]) if not tables["removal_targets"].empty else []
+    for key, claim, paper, rule, holds, fails in REMOVAL_CLAIMS:
+        found = [(label, m) for k, label, m in removal if k == key] or [(None, None)]
+        for label, m in found:
+            v = verdict(m, holds, fails, True, inst)
+            rows.append(_row(claim + (f" ({label})" if label else ""), paper, rule, m, v, "removal_targets.parquet",
+                             "+sweep=removal", True))
+    return pd.DataFrame(rows), inst
+
+
+SHOWN = ["claim", "paper", "measured", "n", "verdict", "rule"]
+
+
+def _header(root: Path, inst: Instrument) -> list[str]:
+    return [f"Run: `{root}`. Model: {', '.join(inst.models)}" + (" (POOLED OVER MODELS)" if len(inst.models) > 1 else "") + ".",
+            f"Model quality: {inst.model_text}.", f"Reader ({', '.join(inst.readers)}): {inst.reader_text}.",
+            f"Verdicts: holds = the 95 % interval is inside the claim's band; does not hold = entirely outside; otherwise, or "
+            f"with fewer than {MIN_CLUSTERS} pairs (captions) or {MIN_UNITS} pair-seeds (objects), inconclusive at this n. "
+            "A 'does not hold' on a model below its quality target, or read by a reader below its agreement target or never "
+            "validated, is 'inconclusive (instrument)'. Intervals resample pairs, then seeds within pairs (removal: captions, "
+            "then objects). Steps are UNet-call indices, compared on the paper's 31-call grid."]
+
+
+def _markdown(table: pd.DataFrame, inst: Instrument, root: Path) -> str:
+    lines = ["# Replication scorecard (Ban et al., ECCV 2024)", ""] + [f"{h}\n" for h in _header(root, inst)]
+    return "\n".join(lines + [table[SHOWN].to_markdown(index=False), ""])
+
+
+def markdown(root: str | Path, variant: str = report.DEFAULT_VARIANT) -> tuple[pd.DataFrame, str]:
+    """The scorecard and its Markdown (header lines, then the table)."""
+    table, inst = scorecard(root, variant)
+    return table, _markdown(table, inst, Path(root))
+
+
+def scorecard_html(root: str | Path, variant: str = report.DEFAULT_VARIANT) -> str:
+    """The scorecard as an HTML fragment (a heading, the header lines and the table), for report.html."""
+    table, inst = scorecard(root, variant)
+    return _html(table, inst, Path(root))
+
+
+html_fragment = scorecard_html  # the name negstudy.report_html looks for
+
+
+def _html(table: pd.DataFrame, inst: Instrument, root: Path) -> str:
+    colours = {HOLDS: "#d7f5d7", FAILS: "#f8d4d4", OPEN: "#fff3c4", INSTRUMENT: "#fff3c4"}
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in SHOWN)
+    body = []
+    for r in table.itertuples():
+        colour = next((v for k, v in colours.items() if r.verdict == k), "#eeeeee")
+        cells = "".join(f"<td>{html.escape(str(getattr(r, c)))}</td>" if c != "verdict" else
+                        f"<td style='background:{colour}'><b>{html.escape(r.verdict)}</b></td>" for c in SHOWN)
+        body.append(f"<tr>{cells}</tr>")
+    notes = "".join(f"<p>{html.escape(h)}</p>" for h in _header(root, inst))
+    return (f"<h2>Replication scorecard</h2>{notes}"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+
+
+def write(root: str | Path, out: str | Path | None = None, variant: str = report.DEFAULT_VARIANT) -> str:
+    """Write ``scorecard.md`` and ``scorecard.csv`` (every column) into ``out`` (default <root>/report);
+    return the HTML fragment of :func:`scorecard_html`."""
+    root = Path(root)
+    out = Path(out) if out is not None else root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    table, inst = scorecard(root, variant)
+    from negstudy.records import write_text
+
+    write_text(_markdown(table, inst, root), out / "scorecard.md")
+    table.to_csv(out / "scorecard.csv", index=False)
+    return _html(table, inst, root)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m negstudy.scorecard", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("directory")
+    ap.add_argument("--variant", default=report.DEFAULT_VARIANT)
+    args = ap.parse_args(argv)
+    if not Path(args.directory).is_dir():
+        print(f"negstudy.scorecard: error: {args.directory}: not a directory", file=sys.stderr)
+        sys.exit(2)
+    write(args.directory, variant=args.variant)
+    print((Path(args.directory) / "report" / "scorecard.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

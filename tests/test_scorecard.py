@@ -1,0 +1,208 @@
+"""The replication scorecard on planted run directories: tables with the studies' real column names,
+a config.yaml naming the model, and the model's card / quality / reader-agreement files. No model runs."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from negstudy import report, scorecard
+
+STEPS = np.arange(31)
+
+
+def bump(peak: float, height: float) -> np.ndarray:
+    return 1.0 + height * np.exp(-0.5 * ((STEPS - peak) / 2.5) ** 2)
+
+
+def model(tmp_path, recall: float | None = 0.97, reader: dict | None = None, card: bool = False):
+    """A model directory with quality.json (or a card's quality table) and maybe reader_agreement.json."""
+    d = tmp_path / "model"
+    d.mkdir(parents=True, exist_ok=True)
+    if card:
+        (d / "README.md").write_text("| measure | rate | 95 % CI | n |\n|---|---|---|---|\n"
+                                     f"| per-object recall (named objects) | {100 * recall:.1f}% | 39% - 45% | 1065 |\n"
+                                     "| background right | 24.3% | 21.8% - 27.0% | 1024 |\n")
+    elif recall is not None:
+        (d / "quality.json").write_text(json.dumps({"object_recall": recall, "background_right": 0.96}))
+    if reader is not None:
+        (d / "reader_agreement.json").write_text(json.dumps({"holdout": {"oracle": reader}, "tune": {}}))
+    return d
+
+
+GOOD_READER = {"object": {"rate": 0.99, "lo": 0.97, "hi": 1.0, "n": 300}, "background": {"rate": 0.98, "lo": 0.95, "hi": 0.99, "n": 60}}
+
+
+def job(root, name: str, model_dir, **tables) -> None:
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {"model": {"name": "planted", "path": str(model_dir)}, "evaluator": {"name": "oracle"}, "steps": 30}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for table, rows in tables.items():
+        pd.DataFrame(rows).to_parquet(d / f"{table}.parquet")
+
+
+def ratio_rows(pairs: int, seeds: int, curve_of, category: str = "object", noise: float = 0.003, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(pairs):
+        for s in range(seeds):
+            curve = curve_of(p) + rng.normal(0, noise, len(STEPS))
+            rows += [{"pair": p, "negative": f"n{p}", "category": category, "seed": s, "present_without_negative": True,
+                      "step": int(t), "variant": "all_tokens", "ratio": float(v)} for t, v in zip(STEPS, curve)]
+    return rows
+
+
+def rows_by_claim(root) -> pd.DataFrame:
+    table, _ = scorecard.scorecard(root)
+    return table.set_index("claim")
+
+
+NOUN_STEP = "Object (noun) negatives: the strength ratio peaks early"
+NOUN_HEIGHT = "Object (noun) negatives: the peak strength ratio"
+ADJ = "Attribute (adjective) negatives: the ratio starts below 1 and crosses it near step 10"
+
+
+def test_noun_ratio_peaking_at_5_with_1_07_holds(tmp_path):
+    job(tmp_path / "run", "0", model(tmp_path, reader=GOOD_READER), ratio=ratio_rows(4, 4, lambda p: bump(5 + (p % 2), 0.07)))
+    rows = rows_by_claim(tmp_path / "run")
+    assert rows.loc[NOUN_STEP, "verdict"] == "holds" and 2 <= rows.loc[NOUN_STEP, "low"] <= rows.loc[NOUN_STEP, "high"] <= 8
+    assert rows.loc[NOUN_STEP, "n"] == "4 pairs x 16 pair-seeds"
+    assert rows.loc[NOUN_HEIGHT, "verdict"] == "holds" and rows.loc[NOUN_HEIGHT, "value"] == pytest.approx(1.07, abs=0.01)
+    assert rows.loc[ADJ, "verdict"] == "not measured in this run (ratio.parquet has no attribute negatives)"
+
+
+def test_noun_ratio_peaking_at_20_does_not_hold_unless_the_model_could_not_show_it(tmp_path):
+    late = lambda p: bump(20, 0.07)  # noqa: E731
+    job(tmp_path / "good", "0", model(tmp_path / "good", reader=GOOD_READER), ratio=ratio_rows(4, 4, late))
+    rows = rows_by_claim(tmp_path / "good")
+    assert rows.loc[NOUN_STEP, "verdict"] == "does not hold" and rows.loc[NOUN_STEP, "value"] == 20
+    assert rows.loc[NOUN_HEIGHT, "verdict"] == "holds"
+    # the same curves on a model whose card reports object recall below its target
+    job(tmp_path / "weak", "0", model(tmp_path / "weak", recall=0.424, card=True), ratio=ratio_rows(4, 4, late))
+    table, inst = scorecard.scorecard(tmp_path / "weak")
+    assert not inst.model_ok and "42.4%" in inst.model_text and "BELOW TARGET" in inst.model_text
+    assert table.set_index("claim").loc[NOUN_STEP, "verdict"] == "inconclusive (instrument)"
+
+
+def test_tiny_n_is_inconclusive_and_open_intervals_are_too(tmp_path):
+    job(tmp_path / "tiny", "0", model(tmp_path), ratio=ratio_rows(1, 2, lambda p: bump(5, 0.07)))
+    assert rows_by_claim(tmp_path / "tiny").loc[NOUN_STEP, "verdict"] == "inconclusive at this n"
+    # enough pairs, but they disagree (peaks at 5 and 12): the interval straddles the band's edge
+    job(tmp_path / "split", "0", model(tmp_path), ratio=ratio_rows(6, 3, lambda p: bump(5 if p < 3 else 12, 0.07 + 0.002 * p)))
+    assert rows_by_claim(tmp_path / "split").loc[NOUN_STEP, "verdict"] == "inconclusive at this n"
+
+
+def test_adjective_crossing_and_a_curve_that_never_crosses(tmp_path):
+    crossing = lambda p: np.where(STEPS < 10 + (p % 2), 0.95, 1.04)  # noqa: E731
+    job(tmp_path / "a", "0", model(tmp_path), ratio=ratio_rows(4, 4, crossing, "attribute"))
+    row = rows_by_claim(tmp_path / "a").loc[ADJ]
+    assert row.verdict == "holds" and 10 <= row.value <= 11
+    job(tmp_path / "b", "0", model(tmp_path), ratio=ratio_rows(4, 4, lambda p: np.full(31, 0.95), "attribute"))
+    row = rows_by_claim(tmp_path / "b").loc[ADJ]
+    assert row.verdict == "does not hold" and np.isinf(row.low) and "never" in row.measured
+
+
+def test_missing_tables_are_not_measured_and_name_their_sweep(tmp_path):
+    job(tmp_path / "run", "0", model(tmp_path), ratio=ratio_rows(4, 4, lambda p: bump(5, 0.07)))
+    rows = rows_by_claim(tmp_path / "run")
+    assert rows.filter(like="Inducing", axis=0).verdict.iloc[0] == "not measured in this run (+sweep=mechanisms writes inducing.parquet)"
+    assert rows.filter(like="Reverse", axis=0).verdict.iloc[0].endswith("(+sweep=reverse_activation writes reverse.parquet)")
+    assert rows.filter(like="Windowed removal: removal rate", axis=0).verdict.iloc[0].startswith("not measured in this run (+sweep=removal")
+
+
+def mechanism_tables(pairs: int = 4, seeds: int = 3, barrier: float = 0.2):
+    meta = [{"pair": p, "prompt": f"prompt {p}", "negative": "sun", "category": "object", "seed": s, "screened": False,
+             "present_without_negative": True} for p in range(pairs) for s in range(seeds)]
+    rng = np.random.default_rng(1)
+    inducing, momentum, energy = [], [], []
+    for m in meta:
+        for t in STEPS:
+            d = 0.0 if t == 0 else 0.01 * t * (1 + 0.1 * rng.standard_normal())
+            inducing.append({**m, "step": int(t), "proj_always": 0.5 + d, "proj_never": 0.5, "D": d})
+            if t < 30:
+                for schedule in ("always", "never"):
+                    momentum.append({**m, "schedule": schedule, "step": int(t), "m": 0.997 if t < 27 else 0.92,
+                                     "m_sign": 0.999 if t < 27 else 0.9})
+        for draw in range(2):
+            for theta in np.round(np.linspace(0, 1, 11), 2):
+                rel = 1 + barrier * (1 - abs(theta - 0.5) * 2) + 0.01 * rng.standard_normal()
+                energy.append({**m, "step": 20, "timestep": 331, "draw": draw, "theta": float(theta), "error": rel * 0.1,
+                               "relative": rel, "bg_source": "with_negative", "obj_source": "without_negative"})
+    return {"inducing": inducing, "momentum": momentum, "energy": energy}
+
+
+def test_mechanism_claims_from_planted_tables(tmp_path):
+    job(tmp_path / "run", "0", model(tmp_path, reader=GOOD_READER), **mechanism_tables())
+    rows = rows_by_claim(tmp_path / "run")
+    inducing = rows.filter(like="Inducing", axis=0).iloc[0]
+    assert inducing.verdict == "holds" and inducing.value == pytest.approx(0.01 * np.arange(15, 31).mean(), rel=0.05)
+    assert "max |D(0)| 0.0e+00" in inducing.measured and inducing.n == "4 pairs x 12 pair-seeds"
+    momentum = rows.filter(like="Momentum", axis=0).iloc[0]
+    assert momentum.verdict == "holds" and momentum.value == pytest.approx(0.999)  # the paper's cosine of signs
+    assert "(m_sign)" in momentum.measured and "raw-vector m 0.9970" in momentum.measured
+    energy = rows.filter(like="Energy", axis=0).iloc[0]
+    assert energy.verdict == "holds" and energy.value == pytest.approx(0.2, abs=0.01) and "peaks at theta 0.5" in energy.measured
+    # no barrier (flat error) on a reader never validated: the refutation is the instrument's
+    job(tmp_path / "flat", "0", model(tmp_path / "flat"), **mechanism_tables(barrier=-0.1))
+    energy = rows_by_claim(tmp_path / "flat").filter(like="Energy", axis=0).iloc[0]
+    assert energy.verdict == "inconclusive (instrument)"
+
+
+def reverse_rows(pairs: int, seeds: int, appears) -> list[dict]:
+    return [{"pair": p, "prompt": f"prompt {p}", "negative": "sun", "seed": s, "k": k, "appears": bool(appears(p, s, k))}
+            for p in range(pairs) for s in range(seeds) for k in (0, 2, 4, 8, 16, 31)]
+
+
+def test_reverse_activation_counts_and_the_reader_gate(tmp_path):
+    some = lambda p, s, k: 0 < k <= 4 and s % 2 == 0  # noqa: E731
+    job(tmp_path / "yes", "0", model(tmp_path / "yes", reader=GOOD_READER), reverse=reverse_rows(4, 6, some))
+    row = rows_by_claim(tmp_path / "yes").filter(like="Reverse", axis=0).iloc[0]
+    assert row.verdict == "holds" and row.value == 0.5 and "k in {2, 4, 8}" in row.measured
+    never = lambda p, s, k: False  # noqa: E731
+    job(tmp_path / "no", "0", model(tmp_path / "no", reader=GOOD_READER), reverse=reverse_rows(20, 20, never))
+    assert rows_by_claim(tmp_path / "no").filter(like="Reverse", axis=0).iloc[0].verdict == "does not hold"
+    low = {**GOOD_READER, "object": {"rate": 0.9, "lo": 0.85, "hi": 0.94, "n": 300}}
+    job(tmp_path / "weak", "0", model(tmp_path / "weak", reader=low), reverse=reverse_rows(20, 20, never))
+    table, inst = scorecard.scorecard(tmp_path / "weak")
+    assert not inst.reader_ok and "object 90.0% (target >= 98%)" in inst.reader_text
+    assert table.set_index("claim").filter(like="Reverse", axis=0).iloc[0].verdict == "inconclusive (instrument)"
+
+
+def removal_rows(captions: int = 20, objects: int = 20) -> list[dict]:
+    rows = []
+    for c in range(captions):
+        removed_by_window = 16 if c % 2 else 18  # 85 % of from-0's 100 %
+        preferred = 16 if c % 2 else 17  # 82.5 %
+        for o in range(objects):
+            for method in ("from0", "window"):
+                rows.append({"dataset": "planted", "caption": c, "prompt": f"caption {c}", "seed": o // 4, "object": f"o{o}",
+                             "method": method, "critical_step": 5, "critical_source": "fallback", "evaluator": "oracle",
+                             "preference_source": "psnr_out", "region_fraction": 0.1, "start": 0 if method == "from0" else 5,
+                             "end": 30 if method == "from0" else 15, "regenerations": 0,
+                             "removed": True if method == "from0" else o < removed_by_window,
+                             "prefers_over_from0": None if method == "from0" else o < preferred,
+                             "psnr_out": 25.0, "ssim_out": 0.9})
+    return rows
+
+
+def test_removal_claims_per_windowed_method(tmp_path):
+    job(tmp_path / "run", "0", model(tmp_path, reader=GOOD_READER), removal_targets=removal_rows())
+    rows = rows_by_claim(tmp_path / "run")
+    ratio = rows.loc["Windowed removal: removal rate relative to the negative from step 0 (fixed window, planted)"]
+    assert ratio.verdict == "holds" and ratio.value == pytest.approx(0.85) and ratio.n == "20 captions x 400 objects"
+    pref = rows.loc["Windowed removal is preferred to from-0 as closer to the original (fixed window, planted)"]
+    assert pref.verdict == "holds" and pref.value == pytest.approx(0.825) and "no judge" in pref.measured
+
+
+def test_report_build_writes_the_scorecard(tmp_path):
+    job(tmp_path, "0", model(tmp_path / "m"), ratio=ratio_rows(4, 4, lambda p: bump(5, 0.07)))
+    report.build(tmp_path)
+    text = (tmp_path / "report" / "scorecard.md").read_text()
+    assert "# Replication scorecard" in text and "Model: planted (" in text and "reader not validated" in text
+    assert "| Object (noun) negatives: the strength ratio peaks early" in text
+    assert pd.read_csv(tmp_path / "report" / "scorecard.csv").verdict.iloc[0] == "holds"
+    fragment = scorecard.scorecard_html(tmp_path)
+    assert fragment.startswith("<h2>Replication scorecard</h2>") and fragment.count("<tr>") == 1 + len(scorecard.CLAIMS) + 2
