@@ -313,29 +313,11 @@ def _figure_methods(table: pd.DataFrame):
     return fig
 
 
-def _figure_examples(root: Path, targets: pd.DataFrame, n: int = 8):
-    """Original / from-0 / window / adaptive strips of objects the adaptive window removed."""
-    import matplotlib
+def _figure_examples(root: Path, targets: pd.DataFrame, n: int = 6):
+    """Original | from-0 | window | adaptive examples, objects the adaptive window removed first (negstudy.report_html)."""
+    from negstudy.report_html import fig_examples
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    from negstudy.studies.removal import strip_name
-
-    done = targets[(targets.method == "adaptive") & (targets.removed == True)]  # noqa: E712 (nullable column)
-    strips = [root / r.job / "triples" / strip_name(r.caption, r.prompt, r.seed, r.object) for r in done.itertuples()]
-    strips = [p for p in strips if p.exists()][:n]
-    if not strips:
-        return None
-    fig, axes = plt.subplots(len(strips), 1, figsize=(6, 1.6 * len(strips)), squeeze=False)
-    for ax, path in zip(axes[:, 0], strips):
-        ax.imshow(np.asarray(Image.open(path)), interpolation="nearest")
-        ax.set_axis_off()
-        ax.set_title(path.stem, fontsize=7)
-    fig.suptitle("original | negative from 0 | fixed window | adaptive window", fontsize=9)
-    fig.tight_layout()
-    return fig
+    return fig_examples(root, targets, n)
 
 
 def _figure_ratio(ratio: pd.DataFrame, crit: pd.DataFrame, variant: str):
@@ -370,9 +352,11 @@ def _figure_removal(table: pd.DataFrame):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for category, g in table.groupby("category"):
-        ax.errorbar(g.start_step, g.removed, yerr=np.clip([g.removed - g.ci_low, g.ci_high - g.removed], 0, None), marker="o", capsize=3,
-                    label=f"{category} negatives")
+    groups = list(table.groupby("category"))
+    for i, (category, g) in enumerate(groups):
+        dodge = 0.12 * (i - (len(groups) - 1) / 2)  # categories side by side, their intervals apart
+        ax.errorbar(g.start_step + dodge, g.removed, yerr=np.clip([g.removed - g.ci_low, g.ci_high - g.removed], 0, None), marker="o",
+                    capsize=3, label=f"{category} negatives")
     ax.set_xlabel("start step k of the negative (from_step k; last point: never)")
     ax.set_ylabel("concept removed")
     ax.set_ylim(-0.02, 1.02)
@@ -460,12 +444,10 @@ def build(root: str | Path, variant: str = DEFAULT_VARIANT) -> Path:
     from negstudy import scorecard  # the replication scorecard: scorecard.md and .csv (report_html shows its HTML)
 
     scorecard.write(root, out, variant)
-    body = "".join(f"<h2>{html.escape(t)}</h2>{f.to_html(index=False, float_format=lambda x: f'{x:.3g}', na_rep='-')}" for t, f in sections)
-    imgs = "".join(f'<figure><img alt="{k}" src="data:image/png;base64,{v}"></figure>' for k, v in figures.items())
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>negstudy report</title><style>"
-            "body{font-family:sans-serif;max-width:60rem;margin:2rem auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:.2rem .5rem}img{max-width:100%}</style></head><body>"
-            f"<h1>negstudy report</h1><p>{html.escape(md[2])}</p>{imgs}{body}</body></html>")
+    from negstudy import report_html  # the page: scorecard, strips, attention grids, curves, tables, captions
+
+    page = report_html.page(root, out, md[2], sections, figures, ratio=ratio, removal=removal, crit=crit, variant=variant,
+                            hit_lift=HIT_LIFT, screen=_read(root, "screen"))
     write_text(page, out / "report.html")
     return out / "report.html"
 
