@@ -169,10 +169,10 @@ def test_ensemble_rule_and_rows():
     e = ensemble.combine(o, c)
     assert e.objects["ball"] is True and e.objects["sun"] is True  # agreement; oracle unsure -> CLIP
     assert e.objects["box"] is None  # disagreement with a small CLIP margin
-    assert e.background == "sky" and e.attribute == NONE  # oracle unsure -> CLIP; attributes: the oracle
+    assert e.background == UNSURE and e.attribute == NONE  # an unsure oracle background stays unsure; attributes: the oracle
     assert e.masks["ball"].all() and e.masks["sun"] is None
     row = ensemble.reading_row(e, "a ball in the sky", "box")
     assert row["negative_present"] is None and row["named_objects_present"] is True
-    assert row["unsure"] == "box" and row["background_state"] == "sky"
+    assert row["unsure"] == "background,box" and row["background_state"] == UNSURE and row["background_right"] is None
     row = ensemble.reading_row(e, "a kite in the sky", "sun")
     assert row["negative_present"] is True and row["named_objects_present"] is False

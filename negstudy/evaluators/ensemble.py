@@ -18,7 +18,7 @@ or ``"unsure"``); the attribute (a class, ``"none"`` or ``"unsure"``). Three rea
   * objects: both sure and agreeing -> that; one unsure -> the other; both sure and disagreeing
     -> CLIP's (the more reliable on generated images), unless CLIP's margin is below
     ``OVERRIDE_MARGIN``, then unsure;
-  * background: the oracle's when it names a class or says "none"; CLIP's when the oracle is unsure;
+  * background: "none" and unsure are the oracle's; between classes, the same rule as objects;
   * attribute: the oracle's (CLIP confuses attributes on generated images more often).
 
   Masks are the oracle's (a present object the oracle did not locate has mask None).
@@ -34,8 +34,12 @@ import numpy as np
 from negstudy.shapes import oracle, world
 
 NONE, UNSURE = oracle.NONE, oracle.UNSURE
-CLIP_MARGIN = 0.01  # cosine units: a +-1 grey-level change moves a score by < 0.002 (tests/test_reader.py)
-OVERRIDE_MARGIN = 0.02  # CLIP overrides a sure oracle object decision only with this margin
+# Cosine units. A +-1 grey-level change moves CLIP's margins by up to ~0.03 on generated images
+# (0.005 on world images); a sure CLIP decision cannot flip unless a margin moves by 2 * CLIP_MARGIN.
+CLIP_MARGIN = 0.025
+# CLIP overrides a sure oracle decision only with a margin this large: > CLIP_MARGIN + the largest
+# move, so that CLIP going from unsure to sure-against-the-oracle passes through unsure.
+OVERRIDE_MARGIN = 0.06
 
 
 @dataclass
@@ -112,16 +116,26 @@ def clip_readings(clip, images: np.ndarray, margin: float = CLIP_MARGIN) -> list
     return [Reading(objects[i], bgs[i], attrs[i], margins=margins[i]) for i in range(n)]
 
 
+def _pick(a, b, margin: float, unsure=None):
+    """Oracle's `a` and CLIP's `b` (margin `margin`): agreement or one unsure -> the other; a
+    disagreement -> CLIP's if its margin reaches OVERRIDE_MARGIN, else unsure."""
+    if a == unsure:
+        return b
+    if b == unsure or a == b:
+        return a
+    return b if abs(margin) >= OVERRIDE_MARGIN else unsure
+
+
 def combine(o: Reading, c: Reading) -> Reading:
     """The ensemble rule of the module docstring, for one image."""
-    objects = {}
-    for name in world.OBJECT_NAMES:
-        a, b = o.objects[name], c.objects[name]
-        if a is None or b is None or a == b:
-            objects[name] = b if a is None else a
-        else:
-            objects[name] = b if abs(c.margins.get(name, 0.0)) >= OVERRIDE_MARGIN else None
-    background = c.background if o.background == UNSURE else o.background
+    objects = {name: _pick(o.objects[name], c.objects[name], c.margins.get(name, 0.0)) for name in world.OBJECT_NAMES}
+    # The oracle decides class or "none" (CLIP cannot say "none"); among the classes CLIP may
+    # override. An unsure oracle stays unsure: it lies between a class and "none", or between
+    # two classes, and taking CLIP there would let a +-1 grey level flip class <-> none.
+    if o.background in (NONE, UNSURE):
+        background = o.background
+    else:
+        background = _pick(o.background, c.background, c.margins.get("background", 0.0), UNSURE)
     masks = {name: o.masks.get(name) for name, s in objects.items() if s or (s is None and name in o.masks)}
     return Reading(objects, background, o.attribute, masks=masks, margins=c.margins)
 
