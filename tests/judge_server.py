@@ -4,7 +4,9 @@ It reads the PNG images of each request with the shapes-world oracle (images are
 recognises the task from the ``response_format`` JSON schema's name, and answers in the JSON the
 judge asks for, with a ``usage`` block. ``closer`` picks the edit with the smaller mean absolute
 pixel difference to the original outside every object (of the three images); ``background_rating``
-is 10 - that difference / 5, rounded and clipped to 0..10.
+is 10 - that difference / 5, rounded and clipped to 0..10. The author's free-text questions (no
+``response_format``; ``removal.protocol=paper``) are recognised by their words and answered in
+prose: "Yes, ..." / "No, ..." and "The second one." / "The third one.".
 
 Faults for the tests, queued with :meth:`JudgeServer.fail` and consumed one per request in order:
 ``429`` (Retry-After: 0), ``500``, ``401`` (echoes the Authorization header in its message, as a
@@ -77,6 +79,23 @@ def answer(task: str, images: list[np.ndarray], text: str, schema: dict) -> dict
     if task == "background_rating":
         return {"rating": rating_of(background_difference(*images))}
     raise ValueError(task)
+
+
+PAPER_PRESENT = re.compile(r"tell me 'yes' if the image contains the (.+), otherwise, tell me 'no'\.")
+PAPER_CLOSER = "which pic looks more similar to the first one"
+
+
+def paper_answer(images: list[np.ndarray], text: str) -> tuple[str, str]:
+    """(task, prose answer) of one of the author's free-text questions."""
+    found = PAPER_PRESENT.search(text)
+    if found:
+        present = answer("present", images, f"object: {json.dumps(found.group(1))}", {})["present"]
+        return "present_paper", (f"Yes, the image contains a {found.group(1)}." if present else
+                                 f"No, there is no {found.group(1)} in this image.")
+    if PAPER_CLOSER in text:
+        pick = answer("closer", images, text, {})["closer"]
+        return "closer_paper", "The second one." if pick == "a" else "The third one."
+    raise ValueError(f"unknown free-text question {text[:80]!r}")
 
 
 INVALID = {"objects": {"objects": ["unicorn"]}, "present": {"present": "maybe"}, "closer": {"closer": "c"},
@@ -171,22 +190,25 @@ class JudgeServer:
                 if fault == "hang":
                     server._closing.wait(server.hang_s)
                     return self._send(500, {"error": {"message": "too late"}})
-                fmt = request["response_format"]["json_schema"]
-                task = fmt["name"]
                 parts = [p for m in request["messages"] for p in (m["content"] if isinstance(m["content"], list) else [])]
                 text = "\n".join(p["text"] for p in parts if p["type"] == "text")
                 images = [_decode(p["image_url"]["url"]) for p in parts if p["type"] == "image_url"]
+                if "response_format" in request:
+                    fmt = request["response_format"]["json_schema"]
+                    task = fmt["name"]
+                    content = json.dumps(answer(task, images, text, fmt["schema"]))
+                else:  # the author's free-text questions
+                    task, content = paper_answer(images, text)
                 with server._lock:
                     server.tasks.append(task)
                 if server.delay_s:
                     time.sleep(server.delay_s)
-                content = json.dumps(answer(task, images, text, fmt["schema"]))
                 if fault == "garbage":
                     content = "Sure! I can see a few colourful shapes in this picture."
                 elif fault == "bad_json":
                     content = content[: len(content) // 2]
                 elif fault == "bad_label":
-                    content = json.dumps(INVALID[task])
+                    content = json.dumps(INVALID[task]) if task in INVALID else "Maybe."
                 prompt_tokens = TOKENS_PER_IMAGE * len(images) + len(text) // 4
                 completion_tokens = max(1, len(content) // 4)
                 self._send(200, {

@@ -104,3 +104,108 @@ def test_removal_report_pools_the_shards(removal_sweep):
         assert row.removed == pytest.approx(rate) and row.ci_low <= row.removed <= row.ci_high
     assert "sweep report ->" in stdout and "removal, shapes_removal, adaptive window:" in stdout
     assert (out / "report" / "removal_methods.png").stat().st_size > 5000
+
+
+# ----------------------------------------------------------------------------- the author's protocol (removal.protocol=paper)
+
+
+def test_paper_object_selection_is_substring_without_people_and_uncapped():
+    from negstudy.studies.removal import paper_targets
+
+    found = ["car", "person", "ball", "people", "ball", "dog", "bench", "kite"]
+    # "car" is a substring of "cart": the author leaves it alone; negstudy's whole-word rule would remove it
+    assert paper_targets("A Cart in the street", found) == ["ball", "dog", "bench", "kite"]  # 4 > negstudy's cap of 3
+    assert not named_in("a cart in the street", "car")
+    assert paper_targets("a kite at night", ["kite", "sun"], drop=["sun"]) == []
+
+
+def test_paper_window_grows_one_step_per_try_up_to_step_29():
+    from negstudy.studies.removal import paper_window_ends
+
+    assert paper_window_ends(6, 31, 31) == list(range(7, 30))  # [6, 7], [6, 8], ..., [6, 29]: 23 tries
+    # 11 calls (10 PNDM steps): ends 7..29 of 31 scaled, each once, after the scaled start scale(6) = 2
+    assert scale(6, 31, 11) == 2 and paper_window_ends(6, 31, 11) == list(range(3, 11))
+
+
+def test_paper_counting_rules():
+    from negstudy.studies.removal import paper_prefers_window, paper_removed
+
+    assert paper_removed(False) and paper_removed(None) and not paper_removed(True)  # only "yes" keeps the object
+    # [original, from-0, windowed]: anything but "the second one" counts for the windowed image
+    assert paper_prefers_window("b") and paper_prefers_window(None) and not paper_prefers_window("a")
+
+
+def test_the_judge_asks_the_authors_questions_and_counts_by_substring(tmp_path, monkeypatch):
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from judge_server import JudgeServer
+    from omegaconf import OmegaConf
+
+    from negstudy.config import JudgeConfig
+    from negstudy.evaluators.judge import JudgeEvaluator, _Request, parse_answer
+
+    # the author's substring rules on planted answers, where strict JSON would refuse or differ
+    assert parse_answer("present_paper", "No, I would not say yes.") is True  # contains "yes"
+    assert parse_answer("present_paper", "I cannot tell.") is False
+    assert parse_answer("closer_paper", "the second one.") == "a"
+    assert parse_answer("closer_paper", "The Second one") == "b"  # case-sensitive "second", as the author's
+    images, _, scenes = world.sample_dataset(6, seed=3, p_attribute=0.0)
+    with JudgeServer() as server:
+        monkeypatch.setenv("OPENAI_API_KEY", "not-a-real-key")
+        j = JudgeEvaluator.from_config(OmegaConf.structured(JudgeConfig(
+            base_url=server.base_url, labels="shapes", cache_dir=str(tmp_path / "cache"), requests_per_minute=60_000)))
+        messages, response_format = j._messages(_Request("present_paper", (images[0],), ("ball",)))
+        content = messages[0]["content"]
+        assert response_format is None and [c["type"] for c in content] == ["text", "image_url"]
+        assert content[0]["text"] == "tell me 'yes' if the image contains the ball, otherwise, tell me 'no'."
+        messages, _ = j._messages(_Request("closer_paper", tuple(images[:3]), ()))
+        assert [c["type"] for c in messages[0]["content"]] == ["text", "image_url", "image_url", "image_url"]
+        names = ["ball" if i % 2 else "tree" for i in range(6)]
+        truth = [any(o == n for o in s.object_names) for s, n in zip(scenes, names)]
+        assert j.present_paper(images, names) == truth
+        # [original, the original itself, another image]: "The second one." -> "a"
+        assert j.closer_paper(images[:2], images[:2], images[2:4]) == ["a", "a"]
+        assert set(server.tasks) == {"present_paper", "closer_paper"}
+
+
+@pytest.fixture(scope="module")
+def paper_sweep(tmp_path_factory):
+    """`removal.protocol=paper` with the judge (the local server answering from the oracle)."""
+    import os
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from judge_server import JudgeServer
+
+    root = tmp_path_factory.mktemp("paper_removal")
+    out = root / "job"
+    with JudgeServer() as server:
+        proc = subprocess.run(
+            [sys.executable, "-m", "negstudy", "+sweep=removal", "hydra.mode=RUN", "dataset.shards=1", "steps=10",
+             "seeds=[0,1]", "dataset.limit=3", "logger=none", "save_images=false", "removal.protocol=paper",
+             "evaluator=judge", f"evaluator.base_url={server.base_url}", f"evaluator.cache_dir={root / 'cache'}",
+             "evaluator.requests_per_minute=60000", f"hydra.run.dir={out}"],
+            capture_output=True, text=True, timeout=600, cwd=root, env={**os.environ, "OPENAI_API_KEY": "not-a-real-key"},
+        )
+        tasks = list(server.tasks)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, tasks
+
+
+@pytest.mark.slow
+def test_paper_protocol_from_the_command_line(paper_sweep):
+    from negstudy.studies.removal import paper_window_ends
+
+    out, tasks = paper_sweep
+    assert {"present_paper", "closer_paper"} <= set(tasks) and not {"present", "closer"} & set(tasks)
+    originals = pd.read_parquet(out / "originals.parquet")
+    for row in originals.itertuples():
+        found = [o for o in row.objects.split(",") if o]
+        assert row.targets.split(",") == [o for o in found if o not in row.prompt.lower()] or not row.targets
+    t = pd.read_parquet(out / "removal_targets.parquet")
+    assert len(t) and (t.protocol == "paper").all() and t.removed.notna().all()
+    ends = paper_window_ends(6, 31, 11)
+    a = t[t.method == "adaptive"]
+    assert (a.critical_source == "fixed").all() and (a.start == 2).all()
+    assert (a.end == [ends[k] for k in a.regenerations]).all()
+    w = t[t.method.isin(["window", "adaptive"])]
+    assert w.prefers_over_from0.notna().all() and (w.shown_first == "from0").all()

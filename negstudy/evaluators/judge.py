@@ -12,6 +12,16 @@ of any model served through ``openai.OpenAI`` (OpenAI itself, or a local vLLM / 
 - ``background_rating``: how well does an edit keep the original's background and everything but
   the removed object, 0 (nothing kept) to 10 (identical)? Answer ``{"rating": 0..10}``.
 
+The author's wording (``removal.protocol=paper``; banyuanhao/daam ``scripts/autotesting.py``),
+free text without ``response_format``, the question first and the images after it, as the
+author's ``gpt4_vision`` sends them (``max_tokens`` 300):
+
+- ``present_paper``: "tell me 'yes' if the image contains the {object}, otherwise, tell me 'no'.";
+  the answer is ``'yes' in text.lower()`` (``get_check``);
+- ``closer_paper``: images [original, a, b] and "which pic looks more similar to the first one,
+  please answer with 'the second one' or 'the third one'."; the answer is "a" when the text
+  contains "second" (case-sensitive, ``get_compare``), else "b".
+
 Images are uint8 arrays (B, H, W, 3), sent as base64 PNG data URLs. Every request asks for strict
 JSON through ``response_format`` (a JSON schema named after the task) and the parsed object is
 validated again here (labels in the set, a JSON boolean, a rating in [0, 10], a choice a/b). A
@@ -67,7 +77,8 @@ log = logging.getLogger(__name__)
 PROMPT_VERSION = "1"  # part of every cache key: bump it when a prompt or a schema changes
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 PLACEHOLDER_KEY = "not-needed"  # local servers (vLLM, ollama) accept any key, the client wants one
-TASKS = ("objects", "present", "closer", "background_rating")
+TASKS = ("objects", "present", "closer", "background_rating", "present_paper", "closer_paper")
+PAPER_TASKS = {"present_paper": "present", "closer_paper": "closer"}  # the author's free-text questions -> answer kind
 DETAILS = ("low", "high", "auto")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MALFORMED_ATTEMPTS = 2  # a malformed answer is asked once more, then recorded as missing
@@ -138,6 +149,11 @@ def _question(task: str, labels: tuple[str, ...]) -> tuple[list[str], dict]:
         )
         schema = {"rating": {"type": "integer", "description": "0 = nothing kept, 10 = identical"}}
         return [text + "\nOriginal:", "Edit:", ""], schema
+    if task == "present_paper":  # the author's words (scripts/autotesting.py, get_check)
+        return [f"tell me 'yes' if the image contains the {labels[0]}, otherwise, tell me 'no'.", ""], None
+    if task == "closer_paper":  # scripts/autotesting.py, text_compare: the question, then the three images
+        return ["which pic looks more similar to the first one, please answer with 'the second one' or 'the third one'.",
+                "", "", ""], None
     raise ValueError(f"unknown judge task {task!r}")
 
 
@@ -152,6 +168,10 @@ def parse_answer(task: str, text: str | None, labels: Sequence[str] = ()) -> Any
     Raises InvalidAnswer with the reason; never guesses."""
     if not text or not text.strip():
         raise InvalidAnswer("empty answer")
+    if task == "present_paper":  # the author's substring rules: any text is an answer
+        return "yes" in text.lower()
+    if task == "closer_paper":
+        return "a" if "second" in text else "b"
     try:
         obj = json.loads(_strip_fence(text))
     except json.JSONDecodeError as err:
@@ -164,12 +184,14 @@ def _strip_fence(text: str) -> str:
     return body.strip("`").removeprefix("json").strip() if body.startswith("```") else body
 
 
-ANSWER_KEYS = {"objects": "objects", "present": "present", "closer": "closer", "background_rating": "rating"}
+ANSWER_KEYS = {"objects": "objects", "present": "present", "closer": "closer", "background_rating": "rating",
+               "present_paper": "present", "closer_paper": "closer"}
 
 
 def validate_answer(task: str, obj: Any, labels: Sequence[str] = ()) -> Any:
     """Check a parsed JSON answer against the task (see :func:`parse_answer`)."""
     key = ANSWER_KEYS[task]
+    task = PAPER_TASKS.get(task, task)  # a cached answer of the author's question has the same form
     if not isinstance(obj, dict) or set(obj) != {key}:
         raise InvalidAnswer(f"expected a JSON object with the single key {key!r}")
     value = obj[key]
@@ -381,6 +403,14 @@ class JudgeEvaluator:
         """Which edit, "a" or "b", looks more like its original (None = no valid answer)."""
         return self._answers([_Request("closer", (o, x, y), ()) for o, x, y in zip(originals, a, b, strict=True)])
 
+    def present_paper(self, images: np.ndarray, names: Sequence[str]) -> list[bool | None]:
+        """:meth:`present` asked in the author's words, answered by the author's "yes" substring rule."""
+        return self._answers([_Request("present_paper", (im,), (str(n),)) for im, n in zip(images, names, strict=True)])
+
+    def closer_paper(self, originals: np.ndarray, a: np.ndarray, b: np.ndarray) -> list[str | None]:
+        """:meth:`closer` asked in the author's words on [original, a, b]: "a" if the answer says "second"."""
+        return self._answers([_Request("closer_paper", (o, x, y), ()) for o, x, y in zip(originals, a, b, strict=True)])
+
     def background_rating(self, originals: np.ndarray, edited: np.ndarray) -> list[float | None]:
         """How well each edit keeps its original's background, 0..10 (None = no valid answer)."""
         return self._answers([_Request("background_rating", (o, e), ()) for o, e in zip(originals, edited, strict=True)])
@@ -490,7 +520,7 @@ class JudgeEvaluator:
                 content.append({"type": "text", "text": text})
             if image is not None:
                 content.append({"type": "image_url", "image_url": {"url": _png_data_url(image), "detail": self.image_detail}})
-        return [{"role": "user", "content": content}], _response_format(request.task, properties)
+        return [{"role": "user", "content": content}], (_response_format(request.task, properties) if properties else None)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "[api key]") if self._secret else text
@@ -500,12 +530,16 @@ class JudgeEvaluator:
         call = Call(request.task)
         messages, response_format = self._messages(request)
         extra = {} if self.temperature is None else {"temperature": self.temperature}
+        if response_format is None:  # the author's free-text questions
+            extra["max_tokens"] = 300
+        else:
+            extra["response_format"] = response_format
         for _ in range(MALFORMED_ATTEMPTS):
             self._limiter.wait()
             call.requests += 1
             try:
                 response = self._client.chat.completions.with_raw_response.create(
-                    model=self.model, messages=messages, response_format=response_format, **extra
+                    model=self.model, messages=messages, **extra
                 )
                 call.http_retries += response.retries_taken
                 completion = response.parse()
