@@ -95,6 +95,10 @@ OFFSET_PENALTY = 4.0  # cost per unit |j| (pixel-residual units; one object is ~
 # extra cost keeps a wrong background + big offset from "explaining" soft stripes etc.
 OFFSET_MAX = 60.0
 OFFSET_EXCESS_PENALTY = 200.0
+# A dark or striped image is a world image times a gain: a model's tint shows as an offset on the
+# plain hypothesis. Large offsets on a dark / striped hypothesis explain tinted plain images (a
+# lavender "sky" as a dark sky + offset) and then mislabel their objects, so they cost earlier.
+MODE_OFFSET_MAX = 30.0
 BACKGROUND_MAX_OFFSET = 60.0  # world images with +-25 jitter per channel need <= 43
 FIT_CANDIDATES = 7  # hypotheses (of 12) scored per image: those with the smallest offsets
 SEGMENT_DIST = 70.0  # max distance (palette space) from a background-object segment
@@ -182,6 +186,7 @@ _HYP = [(b, m) for b in range(len(BG_NAMES)) for m in range(len(MODES))]
 _HYP_GAIN = np.stack([np.repeat(_GAINS[m], RESOLUTION) for _, m in _HYP])  # (12, 1024) per pixel
 _HYP_COLOURS = np.stack([np.vstack([BG_RGB[b][None], OBJ_RGB]) for b, _ in _HYP])  # (12, 6, 3)
 _HYP_BG = _HYP_COLOURS[:, 0]  # (12, 3)
+_HYP_OFFSET_MAX = np.array([OFFSET_MAX if MODES[m] == "plain" else MODE_OFFSET_MAX for _, m in _HYP], dtype=np.float32)
 # Two row types (stripe rows, other rows): every mode's gain is constant within a type.
 _ROW_TYPES = (stripe_rows(), ~stripe_rows())
 _HYP_ROW_GAIN = np.array(
@@ -316,7 +321,7 @@ def _fit(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     j = np.median(ring[:, None] - _HYP_GAIN[None][:, :, _RING, None] * _HYP_BG[None, :, None], axis=2)
     j = j.astype(np.float32)  # (B, H, 3)
     j_norm = np.linalg.norm(j, axis=-1)  # (B, H)
-    penalty = OFFSET_PENALTY * j_norm + OFFSET_EXCESS_PENALTY * np.maximum(j_norm - OFFSET_MAX, 0)
+    penalty = OFFSET_PENALTY * j_norm + OFFSET_EXCESS_PENALTY * np.maximum(j_norm - _HYP_OFFSET_MAX, 0)
     # Only the FIT_CANDIDATES hypotheses with the smallest offsets are scored (the others
     # would need an offset far beyond any tint); saves most of the work.
     sel = np.argsort(penalty, axis=1, kind="stable")[:, :FIT_CANDIDATES]  # (B, K)
@@ -384,14 +389,21 @@ def _read(raw: np.ndarray, med: np.ndarray, hyp: np.ndarray, j: np.ndarray) -> l
     q = (raw - j[:, None, None]) / gain[:, :, None, None]  # palette space
     q = q.reshape(n, r * r, 3)
 
-    # Nearest background->object segment per pixel.
+    # Nearest background->object segment per pixel. A model may tint the background but draw
+    # the objects in their own colours: each object has two segments, to its colour with the
+    # offset (a tint of the whole image) and without it (o - j / mean gain in palette space).
     b = BG_RGB[bg_idx]  # (B, 3)
-    d_vec = OBJ_RGB[None] - b[:, None]  # (B, 5, 3)
+    untinted = OBJ_RGB[None] - j[:, None] / gain.mean(1)[:, None, None]  # (B, 5, 3)
+    d_vec = np.concatenate([np.broadcast_to(OBJ_RGB[None], untinted.shape), untinted], 1) - b[:, None]  # (B, 10, 3)
     qb = q - b[:, None]  # (B, P, 3)
     proj = np.einsum("bpi,bki->bpk", qb, d_vec)
-    dd = (d_vec**2).sum(-1)[:, None]  # (B, 1, 5)
+    dd = np.maximum((d_vec**2).sum(-1)[:, None], 1e-6)  # (B, 1, 10)
     t = np.clip(proj / dd, 0.0, 1.0)
-    dist = np.sqrt(np.maximum((qb**2).sum(-1)[..., None] - 2 * t * proj + t * t * dd, 0.0))  # (B, P, 5)
+    dist = np.sqrt(np.maximum((qb**2).sum(-1)[..., None] - 2 * t * proj + t * t * dd, 0.0))  # (B, P, 10)
+    n_obj = len(OBJ_NAMES)
+    pick = (dist[..., n_obj:] < dist[..., :n_obj])[..., None]  # the nearer of each object's two segments
+    t = np.where(pick[..., 0], t[..., n_obj:], t[..., :n_obj])  # (B, P, 5)
+    dist = np.where(pick[..., 0], dist[..., n_obj:], dist[..., :n_obj])
     k = dist.argmin(-1)  # (B, P)
     tk = np.take_along_axis(t, k[..., None], -1)[..., 0]
     dk = np.take_along_axis(dist, k[..., None], -1)[..., 0]
