@@ -309,11 +309,12 @@ def _ratio_measures(crit: pd.DataFrame) -> dict[str, Measure | str]:
                                           int(r.n_pair_seeds), f"{r.peak_ratio:.3f} (95 % CI {r.peak_ratio_low:.3f}.."
                                                                f"{r.peak_ratio_high:.3f}) at step {int(r.critical_step)}")
         if pd.notna(r.get("attention_n", np.nan)):
+            reached = (f"at step {r.attention_step_mean:.1f} (95 % CI {r.attention_step_low:.1f}..{r.attention_step_high:.1f}) "
+                       f"of {n} calls where it does" if pd.notna(r.attention_step_mean) else "never")
             out["attention_later"] = Measure(
                 _grid(r.attention_step_mean, n), _grid(r.attention_step_low, n), _grid(r.attention_step_high, n),
                 int(r.attention_n_pairs), int(r.attention_n),
-                f"the negative word reaches the region (lift >= {report.HIT_LIFT:g}) at step {r.attention_step_mean:.1f} "
-                f"(95 % CI {r.attention_step_low:.1f}..{r.attention_step_high:.1f}) of {n} calls; never in "
+                f"the negative word reaches the object's region (lift >= {report.HIT_LIFT:g}) {reached}; never in "
                 f"{int(r.attention_never)} of {int(r.attention_n)} pair-seeds",
                 missing="the positive prompt's attention on the same region: attention.parquet has the negative word's only")
     else:

@@ -105,6 +105,17 @@ def test_adjective_crossing_and_a_curve_that_never_crosses(tmp_path):
     assert row.verdict == "does not hold" and np.isinf(row.low) and "never" in row.measured
 
 
+def test_attention_row_shows_the_negative_word_and_says_what_is_missing(tmp_path):
+    attention = [{"pair": p, "negative": f"n{p}", "category": "object", "seed": s, "step": int(t),
+                  "mass_in_region": 0.5 if (p < 3 and t >= 8) else 0.05, "region_fraction": 0.1}
+                 for p in range(4) for s in range(4) for t in STEPS]
+    job(tmp_path / "run", "0", model(tmp_path), ratio=ratio_rows(4, 4, lambda p: bump(5, 0.07)), attention=attention)
+    row = rows_by_claim(tmp_path / "run").filter(like="attention reaches", axis=0).iloc[0]
+    assert row.verdict.startswith("not measured in this run (needs the positive prompt's attention on the same region")
+    assert "at step 8.0 (95 % CI 8.0..8.0) of 31 calls where it does; never in 4 of 16 pair-seeds" in row.measured
+    assert row.n == "4 pairs x 16 pair-seeds"
+
+
 def test_missing_tables_are_not_measured_and_name_their_sweep(tmp_path):
     job(tmp_path / "run", "0", model(tmp_path), ratio=ratio_rows(4, 4, lambda p: bump(5, 0.07)))
     rows = rows_by_claim(tmp_path / "run")
