@@ -480,6 +480,10 @@ def summary_lines(root: str | Path) -> list[str]:
         lines.append(f"reverse activation: the object appears in {top.appears:.0%} (95 % CI {top.ci_low:.0%}..{top.ci_high:.0%}, "
                      f"{int(top.n_pairs)} pairs x {int(top.n_pair_seeds)} pair-seeds) at k={int(top.k)}; "
                      f"without the negative (k=0) in {rev.appears.iloc[0]:.0%}")
+    card = Path(root) / "report" / "scorecard.csv"
+    if card.exists():
+        verdicts = pd.read_csv(card).verdict.str.replace(r"^(not measured in this run) .*", r"\1", regex=True).value_counts()
+        lines.append("replication scorecard (report/scorecard.md): " + ", ".join(f"{k} {v}" for k, v in verdicts.items()))
     path = Path(root) / "report" / "critical_steps.parquet"
     if not path.exists():
         return lines

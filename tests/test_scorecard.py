@@ -215,5 +215,7 @@ def test_report_build_writes_the_scorecard(tmp_path):
     assert "# Replication scorecard" in text and "Model: planted (" in text and "reader not validated" in text
     assert "| Object (noun) negatives: the strength ratio peaks early" in text
     assert pd.read_csv(tmp_path / "report" / "scorecard.csv").verdict.iloc[0] == "holds"
+    assert "replication scorecard (report/scorecard.md): not measured in this run 8, holds 2" in \
+        report.summary_lines(tmp_path)
     fragment = scorecard.scorecard_html(tmp_path)
     assert fragment.startswith("<h2>Replication scorecard</h2>") and fragment.count("<tr>") == 1 + len(scorecard.CLAIMS) + 2
