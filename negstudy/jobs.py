@@ -126,6 +126,7 @@ def run(cfg: DictConfig, out_dir: Path, body: Callable[[], None], *, multirun: b
             _mark_done(out_dir, digest, files, reused_from=str(previous))
             print(f"negstudy: job {digest} already finished in {previous}: results linked into {out_dir}, skipped")
             return Outcome("skipped", digest)
+    size_threads()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INCOMPLETE).write_text(f"{digest}\n")
     for stale in (DONE, FAILED):
@@ -151,6 +152,22 @@ def run(cfg: DictConfig, out_dir: Path, body: Callable[[], None], *, multirun: b
     except OSError as err:  # the results are complete; only reuse by other sweeps is lost
         log.warning("could not register job %s in %s: %s", digest, store, err)
     return Outcome("done", digest)
+
+
+def size_threads() -> int:
+    """Torch threads from the job's CPU allocation: SLURM_CPUS_PER_TASK, else the affinity mask
+    (never more; a smaller OMP_NUM_THREADS wins). Without this every task of a node uses every core."""
+    import torch
+
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        n, source = int(os.environ["SLURM_CPUS_PER_TASK"]), "SLURM_CPUS_PER_TASK"
+    else:
+        n, source = len(os.sched_getaffinity(0)), "CPU affinity"
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and 0 < int(os.environ["OMP_NUM_THREADS"]) < n:
+        n, source = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    torch.set_num_threads(max(n, 1))
+    log.info("torch threads: %d (from %s)", torch.get_num_threads(), source)
+    return n
 
 
 def record_failure(cfg: DictConfig, out_dir: Path, cause: str) -> None:
