@@ -252,7 +252,7 @@ def strips_section(root: Path, out: Path, removal: pd.DataFrame) -> tuple[str, l
 def grid_from_maps(npz: Path, plain_image: np.ndarray | None, hit_lift: float, windows_wanted: int = GRID_WINDOWS):
     """An attention grid from a ``maps/*.npz`` of the critical-step study (negstudy.figures.save_word_maps).
 
-    Returns (figure, hit step or None, window length)."""
+    Returns (figure, hit step or None, window length, whether there is a region)."""
     from negstudy.attention import mass_in_mask
     from negstudy.critical import first_hit_step
     from negstudy.figures import fig_attention_grid, step_windows
@@ -282,7 +282,7 @@ def grid_from_maps(npz: Path, plain_image: np.ndarray | None, hit_lift: float, w
     fig = fig_attention_grid(pos, neg, windows, hit_window, image=image, words=(word, negative), region=region,
                              title=f"'{prompt}', negative '{negative}': image without the negative, {where}\n{verdict}",
                              hit_label=f"hit at step {hit}")
-    return fig, hit, window
+    return fig, hit, window, region is not None
 
 
 def attention_section(root: Path, out: Path, removal: pd.DataFrame, strip_rows: list[dict], study_grids: dict,
@@ -301,15 +301,17 @@ def attention_section(root: Path, out: Path, removal: pd.DataFrame, strip_rows: 
             continue
         row = strips.get((str(u.job), u.pair, u.seed))
         plain = row["tiles"][-1] if row else load_strip(path)[1][-1]
-        fig, hit, window = grid_from_maps(npz, plain, hit_lift)
+        fig, hit, window, has_region = grid_from_maps(npz, plain, hit_lift)
+        found = (f"hit = first step with lift >= {hit_lift:g}: {'step ' + str(hit) if hit is not None else 'none'}"
+                 if has_region else "no region (an attribute, or the concept is absent without the negative): no hit")
         b64 = png_b64(fig, out / f"attention_grid_{i}.png")
         parts.append(figure_html(f"attention_grid_{i}", b64,
                                  f"Figure 1/4 style, one pair-seed (of {n_maps} with maps): '{u.prompt}' with negative "
                                  f"'{u.negative}', seed {u.seed}, the negative at every step; each column the mean over a "
                                  f"window of {window} steps of the positive word's map (positive branch) and the negative "
                                  "word's map (negative branch), each row on one colour scale; region = the shapes oracle's mask "
-                                 f"in the image without the negative; hit = first step with lift >= {hit_lift:g}"
-                                 f" ({'step ' + str(hit) if hit is not None else 'none'})."))
+                                 f"in the image without the negative; lift = the map's mass in the region / the region's share "
+                                 f"of the image; {found}."))
     for key, b64 in study_grids.items():
         parts.append(figure_html(key.replace("/", "_"), b64,
                                  f"Attention grid of the attention-maps study ({key}): one prompt, negative and seed; columns "
@@ -453,6 +455,11 @@ def scorecard_html(root: Path, out: Path, variant: str) -> str:
             if (where / "scorecard.md").exists():
                 fragment = f"<h2>Replication scorecard</h2><pre>{html.escape((where / 'scorecard.md').read_text())}</pre>"
                 break
+    return _scorecard_box(fragment)
+
+
+def _scorecard_box(fragment: str) -> str:
+    """The scorecard's fragment in a bordered box that scrolls sideways if it must; id 'scorecard'."""
     if not fragment:
         return ""
     ident = "" if "id='scorecard'" in fragment or 'id="scorecard"' in fragment else " id='scorecard'"
@@ -478,10 +485,11 @@ def _n_text(frame: pd.DataFrame) -> str:
 
 def page(root: Path, out: Path, intro: str, sections: list[tuple[str, pd.DataFrame]], figures: dict[str, str], *,
          ratio: pd.DataFrame, removal: pd.DataFrame, crit: pd.DataFrame, variant: str, hit_lift: float,
-         screen: pd.DataFrame | None = None) -> str:
+         screen: pd.DataFrame | None = None, scorecard: str | None = None) -> str:
     """The whole report.html. sections: (title, table) from build; figures: key -> base64 PNG, the
     keys build uses ("ratio", "removal", "reverse", "removal_methods", "removal_examples") and the
-    studies' own PNGs keyed by their path below ``root`` without suffix."""
+    studies' own PNGs keyed by their path below ``root`` without suffix. scorecard: the scorecard's
+    HTML fragment when the caller already has it (else :func:`scorecard_html` looks for one)."""
     root, out = Path(root), Path(out)
     screen = screen if screen is not None else pd.DataFrame()
     tables = dict(sections)
@@ -490,7 +498,7 @@ def page(root: Path, out: Path, intro: str, sections: list[tuple[str, pd.DataFra
         return next((f for t, f in tables.items() if t.startswith(prefix)), None)
 
     used_tables: set[str] = set()
-    body = [scorecard_html(root, out, variant)]
+    body = [scorecard_html(root, out, variant) if scorecard is None else _scorecard_box(scorecard)]
     strips_html, strip_rows = strips_section(root, out, removal)
     body.append(strips_html)
     study = {k: v for k, v in figures.items() if "/" in k or k in MECHANISM_PLOTS}

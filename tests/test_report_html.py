@@ -101,11 +101,12 @@ def test_report_of_the_main_job_renders_in_chromium(main_job):
         assert s["scroll"] <= s["inner"], f"page {s['scroll']} px wide in a {s['inner']} px window"
         assert s["errors"] == []
     s = seen[1280]
-    for figure in ("strips", "attention_grid_0", "ratio", "ratio_pairs", "removal"):
+    removal = (out / "report" / "removal_vs_start.csv").exists()  # only if a concept appeared without the negative
+    for figure in ("strips", "attention_grid_0", "ratio", "ratio_pairs") + (("removal",) if removal else ()):
         assert figure in s["figures"], (figure, s["figures"])
     assert all(c.strip() and "n" in c for c in s["captions"])
     assert s["figures"].index("strips") < s["figures"].index("attention_grid_0") < s["figures"].index("ratio")
-    assert s["tables"] == 2  # critical steps, removal against the start step (the scorecard aside)
+    assert s["tables"] == 1 + removal  # critical steps, removal against the start step (the scorecard aside)
     if importlib.util.find_spec("negstudy.scorecard") is not None:
         assert s["scorecard"], "negstudy.scorecard exists but the report has no scorecard"
     from PIL import Image
@@ -162,7 +163,8 @@ def test_attention_grid_marks_the_step_where_the_negative_word_reaches_the_regio
     common = {"positive": pos, "region": region, "prompt": np.array("a ball on the grass"),
               "negative_prompt": np.array("sun"), "positive_word": np.array("ball")}
     np.savez(tmp_path / "hit.npz", negative=neg, **common)
-    fig, hit, window = report_html.grid_from_maps(tmp_path / "hit.npz", None, hit_lift=2.0)
+    fig, hit, window, has_region = report_html.grid_from_maps(tmp_path / "hit.npz", None, hit_lift=2.0)
+    assert has_region
     assert hit == 7 and window == 5  # 31 steps in 7 windows of 5
     boxed = [ax for ax in fig.axes if ax.get_xlabel() == "hit at step 7"]
     assert len(boxed) == 1 and boxed[0].get_title() == ""  # the negative row's cell of window 5-9
