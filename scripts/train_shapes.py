@@ -154,6 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-workers", type=int, default=None, help="processes generating data (0: one background thread; default: min(8, cpus-2) on CUDA, 0 on CPU)")
     p.add_argument("--world-kwargs", default="{}", help="JSON dict of extra keyword arguments for sample_dataset")
     p.add_argument("--log-every", type=int, default=50, help="steps between progress-bar/log updates (one host sync each)")
+    p.add_argument("--progress", choices=("bar", "lines"), default="bar",
+                   help="lines: one printed line per log row instead of a progress bar (short logs for captured output)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (unverified speed-up; off by default)")
     p.add_argument("--text-dedup", choices=("auto", "off"), default="auto",
                    help="auto: run the text encoder once per distinct caption of the chunk when there are fewer distinct "
@@ -687,7 +689,8 @@ def main(argv=None):
     if perm is None or pos + B > len(perm):
         perm, pos = torch.randperm(len(chunk_imgs)), 0
     perm_dev = perm.to(device)
-    print(f"first data chunk ({len(chunk_imgs)} images) ready in {time.monotonic() - t0:.1f}s", flush=True)
+    dedup = f"; text encoder on its {len(chunk_text[0])} distinct captions per step" if chunk_text is not None else ""
+    print(f"first data chunk ({len(chunk_imgs)} images) ready in {time.monotonic() - t0:.1f}s{dedup}", flush=True)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     export_dtype = torch.float16 if args.export_dtype == "fp16" else torch.float32
@@ -739,7 +742,8 @@ def main(argv=None):
     n_acc = 0
     lr = lr_at(args, step, elapsed())
     last_save = time.monotonic()
-    bar = tqdm(total=args.steps, initial=step, unit="it", dynamic_ncols=True, mininterval=1.0, smoothing=0.1)
+    bar = tqdm(total=args.steps, initial=step, unit="it", dynamic_ncols=True, mininterval=1.0, smoothing=0.1,
+               disable=args.progress == "lines")
     last_bar_step = step
     try:
         while budget_left():
@@ -790,6 +794,10 @@ def main(argv=None):
                 bar.update(step - last_bar_step)
                 last_bar_step = step
                 bar.set_postfix(loss=f"{loss_smooth:.4f}", lr=f"{lr:.2e}", min=f"{elapsed() / 60:.1f}")
+                if args.progress == "lines":
+                    el = elapsed()
+                    print(f"step {step} | loss {loss_smooth:.4f} | lr {lr:.2e} | {el / 60:.2f} min | "
+                          f"{step * B / max(el, 1e-9):.0f} img/s overall", flush=True)
                 if not math.isfinite(window):
                     raise SystemExit(f"loss is {window} at step {step}; stopping (last checkpoint kept)")
             if not done and time.monotonic() - last_save >= 60 * args.save_every_minutes:
