@@ -150,8 +150,9 @@ def cluster_ratio_ci(num, den, clusters, n_boot: int = 1000, seed: int = 0, ci: 
     if num.size == 0 or den.sum() == 0:
         return (float("nan"),) * 3
     w = cluster_bootstrap_weights(clusters, n_boot, seed)
+    sums = w @ den
     with np.errstate(all="ignore"):
-        boots = (w @ num) / (w @ den)
+        boots = np.where(sums != 0, (w @ num) / sums, np.nan)  # a resample without a from-0 success has no ratio
     q = 100 * (1 - ci) / 2
     low, high = np.nanpercentile(boots, [q, 100 - q])
     return float(num.sum() / den.sum()), float(low), float(high)

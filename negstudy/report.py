@@ -248,7 +248,8 @@ def removal_methods(targets: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for dataset, d in targets.groupby("dataset"):
         judged = d.pivot_table(index=["job", "prompt", "seed", "object"], columns="method", values="removed", aggfunc="first")
-        judged = judged.dropna().astype(float)  # objects with a verdict for every method
+        # objects with a verdict for every method (an unsure reader leaves None; a method with none at all is a NaN column)
+        judged = judged.reindex(columns=[m for m in METHOD_NAMES if m in d.method.unique()]).dropna().astype(float)
         captions = judged.index.get_level_values("prompt").to_numpy()
         for method in [m for m in METHOD_NAMES if m in d.method.unique()]:
             g = d[d.method == method]

@@ -168,3 +168,17 @@ def test_rates_cluster_by_pair():
     assert (window.n_captions, window.objects) == (4, 20) and window.vs_from0 == 0.5
     assert window.vs_from0_low < 0.3 and window.vs_from0_high > 0.7
     assert window.preferred == 0.5 and window.preferred_low < 0.2 and window.preferred_high > 0.8
+
+
+def test_removal_methods_count_only_objects_with_every_verdict():
+    """An unsure reader (None) on an object's from-0 image takes the object out of every method's rate."""
+    rows = []
+    for o, from0 in enumerate((None, True, False)):
+        for method, removed in (("from0", from0), ("window", True)):
+            rows.append({"job": "0", "dataset": "d", "caption": 0, "prompt": "a view of the sky", "seed": o, "object": "sun",
+                         "method": method, "removed": removed, "preference_source": "psnr_out", "regenerations": 0, "start": 0,
+                         "critical_source": "fallback"})
+    methods = report.removal_methods(pd.DataFrame(rows)).set_index("method")
+    assert methods.objects.tolist() == [2, 2] and methods.loc["fixed window", "vs_from0"] == 2.0
+    only_unsure = report.removal_methods(pd.DataFrame(rows[:2])).set_index("method")
+    assert (only_unsure.objects == 0).all() and np.isnan(only_unsure.loc["fixed window", "vs_from0"])
