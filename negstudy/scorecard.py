@@ -382,15 +382,21 @@ def _removal(targets: pd.DataFrame) -> list[tuple[str, str, Measure | str]]:
     out = []
     for r in methods[methods.method != report.METHOD_NAMES["from0"]].itertuples():
         label = f"{r.method}, {r.dataset}"
-        out.append(("vs_from0", label, Measure(
-            r.vs_from0, r.vs_from0_low, r.vs_from0_high, int(r.n_captions), int(r.objects),
-            f"{r.vs_from0:.0%} (95 % CI {r.vs_from0_low:.0%}..{r.vs_from0_high:.0%}): {r.removed:.0%} vs from-0's "
-            f"{methods[(methods.dataset == r.dataset) & (methods.method == report.METHOD_NAMES['from0'])].removed.iloc[0]:.0%}",
-            "captions x objects")))
+        if not r.objects or pd.isna(r.vs_from0):
+            out.append(("vs_from0", label, "no object with a removal verdict from every method (an unsure reader), "
+                                           "or none removed from step 0"))
+        else:
+            from0 = methods[(methods.dataset == r.dataset) & (methods.method == report.METHOD_NAMES["from0"])].removed.iloc[0]
+            out.append(("vs_from0", label, Measure(
+                r.vs_from0, r.vs_from0_low, r.vs_from0_high, int(r.n_captions), int(r.objects),
+                f"{r.vs_from0:.0%} (95 % CI {r.vs_from0_low:.0%}..{r.vs_from0_high:.0%}): {r.removed:.0%} vs from-0's {from0:.0%}",
+                "captions x objects")))
         if pd.notna(getattr(r, "preferred", np.nan)):
             by = "the judge" if r.preference_by == "judge" else "higher PSNR outside the object (no judge)"
+            code = next(k for k, v in report.METHOD_NAMES.items() if v == r.method)
+            judged = targets[(targets.dataset == r.dataset) & (targets.method == code) & targets.prefers_over_from0.notna()]
             out.append(("preferred", label, Measure(
-                r.preferred, r.preferred_low, r.preferred_high, int(r.n_captions), int(r.preferred_n),
+                r.preferred, r.preferred_low, r.preferred_high, int(judged.prompt.nunique()), int(r.preferred_n),
                 f"{r.preferred:.0%} (95 % CI {r.preferred_low:.0%}..{r.preferred_high:.0%}), by {by}", "captions x objects")))
         else:
             out.append(("preferred", label, "no preference recorded (removal_targets.prefers_over_from0 empty)"))
@@ -417,7 +423,8 @@ def _row(claim: str, paper: str, rule: str, m: Measure | str | None, v: str, sou
     """m: the measure, a sentence saying why the run's tables cannot give it, or None (the table is absent)."""
     measured = isinstance(m, Measure)
     if v == ABSENT:
-        v = f"{ABSENT} ({sweep} writes {source})" if m is None else f"{ABSENT} (needs {m.missing})" if measured else f"{ABSENT} ({m})"
+        v = (f"{ABSENT} ({sweep} writes {source})" if m is None else f"{ABSENT} ({m})" if not measured
+             else f"{ABSENT} (needs {m.missing})" if m.missing else f"{ABSENT} (no value)")
     clusters, units = m.unit.split(" x ") if measured else ("", "")
     return {"claim": claim, "paper": paper, "measured": m.text if measured else "-",
             "n": f"{m.n_clusters} {clusters} x {m.n_units} {units}" if measured else "-", "verdict": v,

@@ -206,6 +206,13 @@ def test_removal_claims_per_windowed_method(tmp_path):
     assert ratio.verdict == "holds" and ratio.value == pytest.approx(0.85) and ratio.n == "20 captions x 400 objects"
     pref = rows.loc["Windowed removal is preferred to from-0 as closer to the original (fixed window, planted)"]
     assert pref.verdict == "holds" and pref.value == pytest.approx(0.825) and "no judge" in pref.measured
+    # a reader unsure of every from-0 image: no ratio to report, the preference (PSNR) still counts
+    unsure = [{**r, "removed": None} if r["method"] == "from0" else r for r in removal_rows()]
+    job(tmp_path / "unsure", "0", model(tmp_path, reader=GOOD_READER), removal_targets=unsure)
+    rows = rows_by_claim(tmp_path / "unsure")
+    assert "an unsure reader" in rows.loc["Windowed removal: removal rate relative to the negative from step 0 (fixed window, planted)",
+                                          "verdict"]
+    assert rows.loc["Windowed removal is preferred to from-0 as closer to the original (fixed window, planted)", "verdict"] == "holds"
 
 
 def test_report_build_writes_the_scorecard(tmp_path):
