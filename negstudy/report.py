@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import logging
 import sys
 from pathlib import Path
 
@@ -50,6 +51,8 @@ from negstudy.records import write_table, write_text
 
 DEFAULT_VARIANT = "all_tokens"
 HIT_LIFT = 2.0  # attention "reaches the region" once its mass there is twice what a uniform map would put there
+
+log = logging.getLogger("negstudy")
 
 
 def _read(root: Path, name: str) -> pd.DataFrame:
@@ -443,11 +446,15 @@ def build(root: str | Path, variant: str = DEFAULT_VARIANT) -> Path:
     write_text("\n".join(md), out / "report.md")
     from negstudy import scorecard  # the replication scorecard: scorecard.md and .csv (report_html shows its HTML)
 
-    scorecard.write(root, out, variant)
+    try:
+        card = scorecard.write(root, out, variant)
+    except Exception as exc:  # a partial or foreign table must not cost the rest of the report
+        log.warning("scorecard not written: %s: %s", type(exc).__name__, exc)
+        card = None
     from negstudy import report_html  # the page: scorecard, strips, attention grids, curves, tables, captions
 
     page = report_html.page(root, out, md[2], sections, figures, ratio=ratio, removal=removal, crit=crit, variant=variant,
-                            hit_lift=HIT_LIFT, screen=_read(root, "screen"))
+                            hit_lift=HIT_LIFT, screen=_read(root, "screen"), scorecard=card)
     write_text(page, out / "report.html")
     return out / "report.html"
 
