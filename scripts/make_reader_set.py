@@ -5,11 +5,13 @@ two stages, because the negatives must name what a plain sample showed without t
 naming it, and only the by-eye labels say what a sample showed:
 
     # stage 1: 120 plain samples (no negative) -> PNGs, samples.csv, sheets in /tmp/reader_sheets
-    OMP_NUM_THREADS=2 python scripts/make_reader_set.py plain
+    OMP_NUM_THREADS=1 python scripts/make_reader_set.py plain
     # ... label the sheets by eye into tests/fixtures/generated/labels.csv ...
-    # stage 2: 84 edits of labelled stage-1 samples + 48 fresh plain samples, interleaved by id
-    OMP_NUM_THREADS=2 python scripts/make_reader_set.py edits
-    # ... label the stage-2 sheets ...
+    # stage 2: 48 fresh plain samples and 84 edits of labelled stage-1 samples, interleaved by id
+    OMP_NUM_THREADS=1 python scripts/make_reader_set.py plain2
+    OMP_NUM_THREADS=1 python scripts/make_reader_set.py edits
+    OMP_NUM_THREADS=1 python scripts/make_reader_set.py sheets   # sheets of the unlabelled samples
+    # ... label them ...
 
 Samples: captions from the world's own distribution (``world.sample_scene`` + ``world.caption``,
 fixed rng), fixed seeds, negstudy's sampler at 30 PNDM steps (31 UNet calls) and guidance 7.5, fp32
@@ -168,7 +170,7 @@ def plan_edits(out: Path, labels_path: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["plain", "plain2", "edits", "sheets"],
-                    help="plain: stage 1; plain2 and edits: stage 2 (plain2 needs no labels); sheets: redraw all sheets")
+                    help="plain: stage 1; plain2 and edits: stage 2 (plain2 needs no labels); sheets: the unlabelled samples")
     ap.add_argument("--out", type=Path, default=Path("tests/fixtures/generated"))
     ap.add_argument("--labels", type=Path, default=None, help="labels of the stage-1 samples (default OUT/labels.csv)")
     ap.add_argument("--sheets", type=Path, default=Path("/tmp/reader_sheets"))
@@ -182,9 +184,13 @@ def main() -> None:
     cols, rows_per = (int(v) for v in args.grid.split("x"))
     args.out.mkdir(parents=True, exist_ok=True)
 
-    if args.stage == "sheets":
-        images = {r["id"]: np.asarray(Image.open(args.out / r["file"]).convert("RGB")) for r in read_csv(args.out / "samples.csv")}
-        sheets(images, args.sheets, "all", cols, rows_per, args.zoom)
+    if args.stage == "sheets":  # every sample not in the labels yet: stage 2's plain samples and edits mixed
+        labels = args.labels or args.out / "labels.csv"
+        done = {r["id"] for r in read_csv(labels)} if labels.exists() else set()
+        images = {r["id"]: np.asarray(Image.open(args.out / r["file"]).convert("RGB"))
+                  for r in read_csv(args.out / "samples.csv") if r["id"] not in done}
+        sheets(images, args.sheets, "unlabelled", cols, rows_per, args.zoom)
+        print(f"{len(images)} unlabelled samples on sheets in {args.sheets}", file=sys.stderr)
         return
     if args.stage == "plain":
         rows = plan_plain(range(N_PLAIN_1), slice(0, N_PLAIN_1))
@@ -199,7 +205,8 @@ def main() -> None:
     for r, image in zip(rows, images):
         Image.fromarray(image).save(args.out / r["file"], optimize=True)
     write_samples(args.out, rows)
-    sheets({r["id"]: im for r, im in zip(rows, images)}, args.sheets, args.stage, cols, rows_per, args.zoom)
+    if args.stage == "plain":  # stage 2 is drawn by `sheets` once both parts exist, so edits are not told apart
+        sheets({r["id"]: im for r, im in zip(rows, images)}, args.sheets, "stage1", cols, rows_per, args.zoom)
 
 
 if __name__ == "__main__":
