@@ -23,6 +23,7 @@ NODE=$(hostname -s)
 
 say() { echo "slurm_single_node: $*"; }
 fail() { echo "slurm_single_node: cannot start: $*" >&2; exit 1; }
+abort() { stop >/dev/null; fail "$@"; }  # a failed start leaves no daemon of ours running
 
 alive() {  # alive <pidfile>: the process of the pid file runs
   [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
@@ -114,6 +115,12 @@ start() {
     return 0
   fi
   stop >/dev/null  # a half-started cluster: start afresh
+  local port
+  for port in "${NEGSTUDY_SLURMCTLD_PORT:-6817}" "${NEGSTUDY_SLURMD_PORT:-6818}"; do
+    if command -v ss >/dev/null 2>&1 && [ -n "$(ss -ltnH "sport = :$port" 2>/dev/null)" ]; then
+      fail "port $port is in use by another process (another SLURM on this machine?); stop it, or set NEGSTUDY_SLURMCTLD_PORT/NEGSTUDY_SLURMD_PORT"
+    fi
+  done
   mkdir -p "$DIR/state" "$DIR/spool" "$DIR/munge" || fail "cannot create $DIR"
   chmod 700 "$DIR/munge" "$DIR/state"
   chmod 755 "$DIR"
@@ -126,13 +133,13 @@ start() {
 
   munged --force --key-file="$DIR/munge/munge.key" --socket="$SOCKET" --pid-file="$DIR/munged.pid" \
     --log-file="$DIR/munged.log" --seed-file="$DIR/munge/munged.seed" 2>>"$DIR/munged.log" \
-    || fail "munged did not start: $(tail -1 "$DIR/munged.log")"
+    || abort "munged did not start: $(tail -1 "$DIR/munged.log")"
   for _ in $(seq 50); do [ -S "$SOCKET" ] && break; sleep 0.1; done
-  [ -S "$SOCKET" ] || fail "munged made no socket at $SOCKET: $(tail -1 "$DIR/munged.log")"
+  [ -S "$SOCKET" ] || abort "munged made no socket at $SOCKET: $(tail -1 "$DIR/munged.log")"
 
   # -i: ignore a state saved by an earlier start (jobs of a cluster that was stopped)
-  slurmctld -i -f "$CONF" >>"$DIR/slurmctld.log" 2>&1 || fail "slurmctld did not start: $(tail -1 "$DIR/slurmctld.log")"
-  slurmd -f "$CONF" >>"$DIR/slurmd.log" 2>&1 || fail "slurmd did not start: $(tail -1 "$DIR/slurmd.log")"
+  slurmctld -i -f "$CONF" >>"$DIR/slurmctld.log" 2>&1 || abort "slurmctld did not start: $(tail -1 "$DIR/slurmctld.log")"
+  slurmd -f "$CONF" >>"$DIR/slurmd.log" 2>&1 || abort "slurmd did not start: $(tail -1 "$DIR/slurmd.log")"
 
   local state="" deadline=$((SECONDS + ${NEGSTUDY_SLURM_WAIT:-60}))
   while [ $SECONDS -lt $deadline ]; do
@@ -141,11 +148,11 @@ start() {
       idle|mixed|allocated) say "node $NODE $state ($(nproc --all) CPUs); export SLURM_CONF=$CONF"; return 0 ;;
       down*|drain*|fail*|"") ;;
     esac
-    alive "$DIR/slurmctld.pid" || fail "slurmctld exited: $(tail -1 "$DIR/slurmctld.log")"
-    alive "$DIR/slurmd.pid" || fail "slurmd exited: $(tail -1 "$DIR/slurmd.log")"
+    alive "$DIR/slurmctld.pid" || abort "slurmctld exited: $(tail -1 "$DIR/slurmctld.log")"
+    alive "$DIR/slurmd.pid" || abort "slurmd exited: $(tail -1 "$DIR/slurmd.log")"
     sleep 0.5
   done
-  fail "node $NODE is '${state:-unknown}', not idle, after ${NEGSTUDY_SLURM_WAIT:-60} s (logs in $DIR)"
+  abort "node $NODE is '${state:-unknown}', not idle, after ${NEGSTUDY_SLURM_WAIT:-60} s (logs in $DIR)"
 }
 
 case "${1:-}" in
