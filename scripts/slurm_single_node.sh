@@ -137,7 +137,7 @@ start() {
   for _ in $(seq 50); do [ -S "$SOCKET" ] && break; sleep 0.1; done
   [ -S "$SOCKET" ] || abort "munged made no socket at $SOCKET: $(tail -1 "$DIR/munged.log")"
 
-  # -i: ignore a state saved by an earlier start (jobs of a cluster that was stopped)
+  # -i: start even if the state an earlier start saved cannot be read (job ids go on from it)
   slurmctld -i -f "$CONF" >>"$DIR/slurmctld.log" 2>&1 || abort "slurmctld did not start: $(tail -1 "$DIR/slurmctld.log")"
   slurmd -f "$CONF" >>"$DIR/slurmd.log" 2>&1 || abort "slurmd did not start: $(tail -1 "$DIR/slurmd.log")"
 
