@@ -26,7 +26,7 @@ Examples:
         --unet-channels 32,32,32 --text-layers 1 --text-width 32 --chunk-size 64
     # the GPU recipe (scripts/gpu_train.sh): a compact copy for a size-limited output folder,
     # then, on another machine, the full diffusers directory rebuilt from it
-    python scripts/train_shapes.py --out /tmp/run --package $OUT --minutes 8 --batch-size 2048 \\
+    python scripts/train_shapes.py --out /tmp/run --package $OUT --minutes 7.5 --batch-size 2048 \\
         --lr-scaling sqrt --offset-noise 0.2 --unet-channels 32,64,128 --sample 64
     python scripts/train_shapes.py --assemble path/to/package --out runs/shapes-next/model
 
@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import math
 import os
@@ -163,6 +164,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.assemble is not None:
         return args
+    if args.lr_base_batch <= 0:
+        p.error(f"--lr-base-batch {args.lr_base_batch}: must be a positive batch size")
     if (args.minutes is None or args.minutes <= 0) and args.steps is None:
         p.error("give --steps or a positive --minutes")
     return args
@@ -467,8 +470,6 @@ def assemble(pkg: Path, dest: Path) -> Path:
     if len(tokenizer) != text.config.vocab_size:
         raise SystemExit(f"--assemble: the rebuilt tokenizer has {len(tokenizer)} tokens, the text encoder {text.config.vocab_size}")
     with open(pkg / "training_log.csv", newline="") as f:
-        import csv
-
         log_rows = list(csv.reader(f))[1:]
     write_model_dir(dest, unet, text, dtype, meta["negstudy"], log_rows, tok_dir, bool(meta["negstudy"].get("zero_snr")))
     shutil.rmtree(tok_dir)
