@@ -46,7 +46,9 @@ def measure(directory: Path, clip=None) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = []
+    lines = ["Agreement of the shapes-world readers with by-eye labels of generated images (tests/fixtures/generated;",
+             "`python scripts/reader_agreement.py`). Agreement over the sure decisions, Wilson 95 % intervals;",
+             "unsure decisions left out and counted; labels 'unsure' left out. Default reader: ensemble.", ""]
     for split in ("tune", "holdout"):
         lines += [f"### {split} split ({result[split]['images']} images)", "",
                   "| reader | decision | agreement | 95 % CI | sure n | unsure | unsure rate |", "|---|---|---|---|---|---|---|"]

@@ -20,11 +20,11 @@ FIXTURE = REPO / "tests" / "fixtures" / "generated"
 sys.path.insert(0, str(REPO / "scripts"))
 
 # Measured on the holdout split by scripts/reader_agreement.py (see the report in its docstring).
-# The targets are 98 % (objects) and 97 % (backgrounds); on 120 labelled images (45 held out) the
-# default reader measured 96.4 % (n 169, 21.8 % unsure) and 63.3 % (n 30, 23.1 % unsure): the
-# floors sit just under what was measured, and under the targets (see the README of the fixture).
-HOLDOUT_FLOOR = {"object": 0.94, "background": 0.55}
-MAX_UNSURE_RATE = {"object": 0.30, "background": 0.35}
+# The targets are 98 % (objects) and 97 % (backgrounds). On the 252 labelled images (94 held out)
+# the default reader measured 97.2 % (94.9 - 98.5 %, n 355, 21.8 % unsure) and 68.6 % (55.0 - 79.7 %,
+# n 51, 33.8 % unsure): the floors sit just under what was measured, below the targets.
+HOLDOUT_FLOOR = {"object": 0.96, "background": 0.65}
+MAX_UNSURE_RATE = {"object": 0.25, "background": 0.40}
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,10 @@ def test_default_reader_agrees_with_labels_on_holdout(labelled, clip):
 
     result = measure(FIXTURE, clip)
     print("\n" + markdown(result))
-    assert result["holdout"]["images"] >= 40 and result["tune"]["images"] >= 70
+    assert result["holdout"]["images"] >= 90 and result["tune"]["images"] >= 150
     held = result["holdout"]["ensemble"]
     for decision, floor in HOLDOUT_FLOOR.items():
-        assert held[decision]["n"] >= 25, decision
+        assert held[decision]["n"] >= 40, decision
         assert held[decision]["rate"] >= floor, (decision, held[decision])
         assert held[decision]["unsure_rate"] <= MAX_UNSURE_RATE[decision], (decision, held[decision])
 
@@ -84,6 +84,7 @@ def _perturbations(images: np.ndarray):
         yield name, np.clip(x + d, 0, 255).astype(np.uint8)
 
 
+@pytest.mark.slow  # ~40 s on a shared 2-core CPU: 252 images x 4 readings by the oracle and CLIP
 def test_one_grey_level_flips_no_decision(labelled, clip):
     _, images = labelled
     base_o = ensemble.oracle_readings(images)
