@@ -2,13 +2,17 @@
 
 Per prompt pair (object or attribute negative):
 1. screen: seeds ``0..sweep.screen_seeds-1`` without the negative; the oracle says in which the
-   negative's concept (an object the caption does not name, or a global attribute) appears;
+   negative's concept (an object the caption does not name, or a global attribute) appears. The
+   screened image is the plain image (k = n_calls) of the sweep, and its trajectory's state
+   (x_t and the scheduler's past predictions) is kept at every delayed start step;
 2. sweep: for up to ``sweep.max_seeds`` seeds where it appears (padded with other seeds, up to
-   ``sweep.min_seeds``, for the attention curves only), ONE shared-prefix batch holds the delayed
-   negative from every start step k = 0, stride, 2 stride, ... and the plain image (k = n_calls).
-   Cross-attention is recorded in both branches; the k = 0 image is ordinary negative prompting,
-   whose curves give the strength ratio (Figure 3) and the negative word's attention mass inside
-   the concept's region (Figures 1/4);
+   ``sweep.min_seeds``, for the attention curves only), the delayed negative from every start step
+   k = stride, 2 stride, ... CONTINUES the screened trajectory from step k (the prefix is not
+   recomputed; the images equal fresh runs, bit for bit with fixed rows), and k = 0 runs with
+   cross-attention recorded in both branches: ordinary negative prompting, whose curves give the
+   strength ratio (Figure 3) and the negative word's attention mass inside the concept's region
+   (Figures 1/4). Images of several (pair, seed) share each UNet batch (``batch_size`` images).
+   UNet rows per (pair, seed): 2 n_calls to screen, 2 (n_calls - k) per start k < n_calls;
 3. tables: ``removal.parquet`` (pair, seed, start step, concept still present), ``ratio.parquet``
    (pair, seed, step, variant, ratio), ``attention.parquet`` (pair, seed, step, mass in region);
    the report (:mod:`negstudy.report`) turns them into critical steps with confidence intervals.
@@ -28,7 +32,7 @@ from negstudy.attention import AttentionRecorder, mass_in_mask
 from negstudy.datasets import pairs_of
 from negstudy.figures import positive_word_of, save_word_maps
 from negstudy.records import save_png, slug, to_uint8, write_table
-from negstudy.sampler import Batch, NegativeSampler
+from negstudy.sampler import Batch, KeepStates, NegativeSampler
 from negstudy.schedules import FromStep, Never
 from negstudy.shapes import oracle, world
 from negstudy.shapes.quality import psnr_outside
@@ -47,44 +51,101 @@ def concept_present(verdict, negative: str) -> tuple[bool, np.ndarray | None]:
     raise ValueError(f"negative prompt {negative!r} names no object or attribute of the shapes world")
 
 
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), max(1, size)):
+        yield items[i : i + size]
+
+
 def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, pd.DataFrame]:
     sw = cfg.sweep
     n = sampler.n_calls
     starts = list(range(0, n, sw.stride)) + [n]  # k = n: the negative never applies
-    plans = [FromStep(k).plan(n) for k in starts]
+    delayed = [k for k in starts if 0 < k < n]  # continued from the screened trajectory at step k
+    never = Never().plan(n)
     pairs = pairs_of(cfg.dataset)
     screen_seeds = list(range(sw.screen_seeds))
     maps_kind = OmegaConf.select(cfg, "attention.maps", default="negstudy")  # daam: the author's maps as well
+    name = lambda p, seed: f"{p:02d}_{slug(pairs[p].prompt)}_neg-{slug(pairs[p].negative, 20)}_s{seed}"
 
-    # 1. screen: which seeds show the concept without the negative
+    # 1. screen: which seeds show the concept without the negative. Each screened image is the
+    #    plain image (k = n) of its sweep, and its trajectory's state at every delayed start is kept,
+    #    so the sweep recomputes no prefix (same images as fresh runs: tests/test_prefix_reuse.py)
+    found: dict[int, list[tuple[int, bool]]] = {p: [] for p in range(len(pairs))}
+    plain, states = {}, {}
+    items = [(p, seed) for p in range(len(pairs)) for seed in screen_seeds]
+    bar = tqdm(total=len(items), desc="screen (no negative)", unit="img")
+    for part in _chunks(items, cfg.batch_size):
+        keep = KeepStates(delayed)
+        batch = Batch([pairs[p].prompt for p, _ in part], [pairs[p].negative for p, _ in part],
+                      [seed for _, seed in part], [never] * len(part))
+        images = to_uint8(sampler.generate(batch, [keep]))
+        for j, ((p, seed), image, verdict) in enumerate(zip(part, images, oracle.inspect_batch(images))):
+            present, region = concept_present(verdict, pairs[p].negative)
+            found[p].append((seed, present))
+            plain[(p, seed)], states[(p, seed)] = (image, present, region), keep.states.get(j, {})
+        bar.update(len(part))
+    bar.close()
     screened = {}
-    bar = tqdm(total=len(pairs) * len(screen_seeds), desc="screen (no negative)", unit="img")
-    for p, pair in enumerate(pairs):
-        found = []
-        for i in range(0, len(screen_seeds), cfg.batch_size):
-            seeds = screen_seeds[i : i + cfg.batch_size]
-            never = Never().plan(n)
-            images = to_uint8(sampler.generate(Batch([pair.prompt] * len(seeds), [pair.negative] * len(seeds), seeds, [never] * len(seeds))))
-            for seed, verdict in zip(seeds, oracle.inspect_batch(images)):
-                found.append((seed, concept_present(verdict, pair.negative)[0]))
-            bar.update(len(seeds))
-        present = [s for s, ok in found if ok][: sw.max_seeds]
-        padding = [s for s, ok in found if not ok][: max(0, sw.min_seeds - len(present))]
-        screened[p] = (present, padding, sum(ok for _, ok in found))
+    for p, seeds in found.items():
+        present = [s for s, ok in seeds if ok][: sw.max_seeds]
+        padding = [s for s, ok in seeds if not ok][: max(0, sw.min_seeds - len(present))]
+        screened[p] = (present, padding, sum(ok for _, ok in seeds))
+    jobs = [(p, seed) for p in screened for seed in screened[p][0] + screened[p][1]]
+    states = {key: states[key] for key in jobs}  # the other screened images' snapshots are freed
+    plain = {key: plain[key] for key in jobs}
+
+    # 2. the start-step sweep. k = 0 (ordinary negative prompting) with cross-attention recorded in
+    #    both branches, batched over (pair, seed); each delayed start k continues the screened
+    #    trajectories from step k, one batch per k; k = n is the screened image itself
+    images_of: dict[tuple[int, int], dict[int, np.ndarray]] = {key: {n: plain[key][0]} for key in jobs}
+    ratio_rows: dict[tuple[int, int], list[dict]] = {}
+    attention_rows: dict[tuple[int, int], list[dict]] = {}
+    bar = tqdm(total=len(jobs) * (len(starts) - 1), desc="start-step sweep", unit="img")
+    for part in _chunks(jobs, cfg.batch_size):
+        words = sorted({w for p, _ in part for w in (pairs[p].negative, positive_word_of(pairs[p].prompt))})
+        recorder = AttentionRecorder(sampler.unet, layers=sw.layers, words=words, maps=maps_kind)
+        batch = Batch([pairs[p].prompt for p, _ in part], [pairs[p].negative for p, _ in part],
+                      [seed for _, seed in part], [FromStep(0).plan(n)] * len(part))
+        images = to_uint8(sampler.generate(batch, [recorder]))
+        strength = pd.concat([recorder.strength(v).assign(variant=v) for v in recorder.variants()])
+        for j, (p, seed) in enumerate(part):
+            pair, (_, plain_present, region) = pairs[p], plain[(p, seed)]
+            images_of[(p, seed)][0] = images[j]
+            if cfg.save_images:
+                save_word_maps(recorder, j, pair.prompt, pair.negative, region,  # the report's attention grids
+                               out_dir / "maps" / f"{name(p, seed)}.npz")
+            ratio_rows[(p, seed)] = [
+                {"pair": p, "negative": pair.negative, "category": pair.category, "seed": seed,
+                 "present_without_negative": plain_present, "step": row.step, "variant": row.variant, "ratio": row.ratio}
+                for row in strength[strength.image == j].itertuples()]
+            rows = attention_rows[(p, seed)] = []
+            if region is not None:
+                maps = recorder.maps(j, "negative", pair.negative).float().numpy()
+                for step, heat in enumerate(maps):
+                    rows.append({"pair": p, "negative": pair.negative, "category": pair.category, "seed": seed,
+                                 "step": step, "mass_in_region": mass_in_mask(heat, region),
+                                 "region_fraction": float(region.mean())})
+                if maps_kind == "daam":  # the author's maps beside negstudy's (negstudy.attention)
+                    daam = recorder.maps(j, "negative", pair.negative, kind="daam").float().numpy()
+                    for row, heat in zip(rows, daam):
+                        row["mass_in_region_daam"] = mass_in_mask(heat, region)
+        bar.update(len(part))
+    for k in delayed:
+        plan = FromStep(k).plan(n)
+        for part in _chunks(jobs, cfg.batch_size):
+            batch = Batch([pairs[p].prompt for p, _ in part], [pairs[p].negative for p, _ in part],
+                          [seed for _, seed in part], [plan] * len(part), resume=[states[key].pop(k) for key in part])
+            for key, image in zip(part, to_uint8(sampler.generate(batch))):
+                images_of[key][k] = image
+            bar.update(len(part))
     bar.close()
 
-    # 2. the start-step sweep with attention, one shared-prefix batch per (pair, seed)
+    # 3. tables, per (pair, seed) in the screen's order
     removal, ratios, attention = [], [], []
-    jobs = [(p, seed, seed in screened[p][0]) for p in screened for seed in screened[p][0] + screened[p][1]]
-    for p, seed, present in tqdm(jobs, desc="start-step sweep", unit="pair-seed"):
-        pair = pairs[p]
-        m = len(plans)
-        recorder = AttentionRecorder(sampler.unet, layers=sw.layers, words=[pair.negative, positive_word_of(pair.prompt)], maps=maps_kind)
-        batch = Batch([pair.prompt] * m, [pair.negative] * m, [seed] * m, plans)
-        images = to_uint8(sampler.generate(batch, [recorder]))
-        verdicts = oracle.inspect_batch(images)
-        plain_present, region = concept_present(verdicts[-1], pair.negative)
-        for k, image, verdict in zip(starts, images, verdicts):
+    for p, seed in jobs:
+        pair, (_, plain_present, region) = pairs[p], plain[(p, seed)]
+        images = np.stack([images_of[(p, seed)][k] for k in starts])
+        for k, image, verdict in zip(starts, images, oracle.inspect_batch(images)):
             still, _ = concept_present(verdict, pair.negative)
             removal.append({
                 "pair": p, "prompt": pair.prompt, "negative": pair.negative, "category": pair.category, "seed": seed,
@@ -92,26 +153,10 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
                 "psnr_outside": psnr_outside(images[-1], image, region) if region is not None else np.nan,
             })
         if cfg.save_images:
-            save_png(np.concatenate(list(images), axis=1), out_dir / "strips" / f"{p:02d}_{slug(pair.prompt)}_neg-{slug(pair.negative, 20)}_s{seed}.png",
+            save_png(np.concatenate(list(images), axis=1), out_dir / "strips" / f"{name(p, seed)}.png",
                      {"prompt": pair.prompt, "negative": pair.negative, "seed": seed, "start_steps": starts})
-            save_word_maps(recorder, 0, pair.prompt, pair.negative, region,  # the report's attention grids
-                           out_dir / "maps" / f"{p:02d}_{slug(pair.prompt)}_neg-{slug(pair.negative, 20)}_s{seed}.npz")
-        strength = pd.concat([recorder.strength(v).assign(variant=v) for v in recorder.variants()])
-        strength = strength[strength.image == 0]  # k = 0: the negative at every step
-        for row in strength.itertuples():
-            ratios.append({"pair": p, "negative": pair.negative, "category": pair.category, "seed": seed,
-                           "present_without_negative": plain_present, "step": row.step, "variant": row.variant,
-                           "ratio": row.ratio})
-        if region is not None:
-            maps = recorder.maps(0, "negative", pair.negative).float().numpy()
-            for step, heat in enumerate(maps):
-                attention.append({"pair": p, "negative": pair.negative, "category": pair.category, "seed": seed,
-                                  "step": step, "mass_in_region": mass_in_mask(heat, region),
-                                  "region_fraction": float(region.mean())})
-            if maps_kind == "daam":  # the author's maps beside negstudy's (negstudy.attention)
-                daam = recorder.maps(0, "negative", pair.negative, kind="daam").float().numpy()
-                for row, heat in zip(attention[len(attention) - len(maps):], daam):
-                    row["mass_in_region_daam"] = mass_in_mask(heat, region)
+        ratios += ratio_rows[(p, seed)]
+        attention += attention_rows[(p, seed)]
     screen = pd.DataFrame([{"pair": p, "prompt": pairs[p].prompt, "negative": pairs[p].negative,
                             "category": pairs[p].category, "screened": len(screen_seeds), "present": screened[p][2]}
                            for p in screened])
