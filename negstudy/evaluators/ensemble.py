@@ -15,7 +15,9 @@ or ``"unsure"``); the attribute (a class, ``"none"`` or ``"unsure"``). Three rea
   readings are combined by the rule measured best on the tuning split of the labelled generated
   images (``tests/fixtures/generated``, ``scripts/reader_agreement.py``):
 
-  * objects: the oracle's decision counts only with the object's shape (a blob of the right colour
+  * objects: a blob whose mean colour is outside its class's colour family (``HUE_FAMILIES``: an
+    orange disc is neither ball nor sun) is no object, whatever CLIP says (unsure near the bounds);
+    the oracle's decision counts only with the object's shape (a blob of the right colour
     in another or no recognisable shape is unsure: by-eye labels count no orange disc as a sun, no
     teal square as a box); then both sure and agreeing -> that; the oracle unsure -> absent if CLIP
     says absent, else unsure; CLIP unsure -> the oracle's; a disagreement -> unsure (on the tuning
@@ -46,6 +48,10 @@ CLIP_MARGIN = 0.025
 # The ensemble's "none" background: the oracle's offset |j| above NONE_OFFSET (+- the margin: unsure).
 # Chosen on the tuning split (45 of 30..60); the oracle's own threshold (60) keeps world images exact.
 NONE_OFFSET = 45.0
+# Colour families (hue bounds in degrees, from the labelling protocol of tests/fixtures/generated):
+# an orange disc is neither ball nor sun, a teal-blue triangle no tree.
+HUE_FAMILIES = {"ball": (340.0, 14.0), "sun": (40.0, 70.0), "tree": (70.0, 180.0)}
+HUE_MARGIN = 3.0
 NONE_OFFSET_MARGIN = 6.0
 
 
@@ -60,6 +66,7 @@ class Reading:
     margins: dict[str, float] = field(default_factory=dict)  # CLIP's per decision, cosine units
     diagnostics: dict[str, float] = field(default_factory=dict)  # the oracle's (Verdict.diagnostics)
     shapes: dict[str, str] = field(default_factory=dict)  # the oracle's, of its located objects
+    colours: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # mean RGB of each mask
 
     @property
     def unsure(self) -> frozenset[str]:
@@ -79,8 +86,9 @@ def oracle_readings(images: np.ndarray) -> list[Reading]:
             masks={**v.objects, **v.candidates},
             diagnostics=v.diagnostics,
             shapes=_all_shapes(v),
+            colours={n: tuple(float(x) for x in image[m].mean(0)) for n, m in {**v.objects, **v.candidates}.items()},
         )
-        for v in oracle.inspect_batch(images)
+        for image, v in zip(images, oracle.inspect_batch(images))
     ]
 
 
@@ -141,6 +149,27 @@ def _shaped(present: bool | None, shape: str | None, name: str) -> bool | None:
     return True if shape == world.OBJECTS[name].shape else None
 
 
+def _family(name: str, rgb) -> bool | None:
+    """Whether a blob's mean colour is in its class's colour family, by hue (degrees): ball red to
+    red-orange, sun amber to lemon, tree green to teal-green; unsure within HUE_MARGIN of a bound;
+    True for the other classes and for unsaturated blobs (hue is meaningless there)."""
+    import colorsys
+
+    if name not in HUE_FAMILIES or rgb is None:
+        return True
+    h, s, _ = colorsys.rgb_to_hsv(*(np.asarray(rgb, float) / 255.0))
+    if s < 0.25:
+        return True
+    lo, hi = HUE_FAMILIES[name]
+    inside = (h * 360.0 - lo) % 360.0  # degrees past the lower bound
+    width = (hi - lo) % 360.0
+    if HUE_MARGIN <= inside <= width - HUE_MARGIN:
+        return True
+    if inside <= width + HUE_MARGIN or inside >= 360.0 - HUE_MARGIN:
+        return None
+    return False
+
+
 def _object(a: bool | None, b: bool | None) -> bool | None:
     """Oracle (shape-checked) `a` and CLIP `b`: agreement -> that; the oracle unsure -> CLIP's "absent"
     only; CLIP unsure -> the oracle's; a disagreement -> unsure."""
@@ -155,8 +184,14 @@ def _object(a: bool | None, b: bool | None) -> bool | None:
 
 def combine(o: Reading, c: Reading) -> Reading:
     """The ensemble rule of the module docstring, for one image."""
-    objects = {name: _object(_shaped(o.objects[name], o.shapes.get(name), name), c.objects[name])
-               for name in world.OBJECT_NAMES}
+    objects = {}
+    for name in world.OBJECT_NAMES:
+        family = _family(name, o.colours.get(name)) if o.objects[name] is not False else True
+        if family is False:  # a wrong-coloured blob (an orange disc): no object, whatever CLIP says
+            objects[name] = False
+            continue
+        oracle_says = _shaped(o.objects[name], o.shapes.get(name), name)
+        objects[name] = _object(oracle_says if family else (None if oracle_says is not False else False), c.objects[name])
     background = o.background
     if background not in (NONE, UNSURE):
         # A tighter "none" than the oracle's own: by-eye labels call a mint, olive or khaki tint "none".
