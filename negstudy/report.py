@@ -512,7 +512,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m negstudy.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("directory")
-    ap.add_argument("--variant", default=DEFAULT_VARIANT, choices=["all_tokens", "word_tokens"])
+    ap.add_argument("--variant", default=DEFAULT_VARIANT, choices=["all_tokens", "word_tokens", "all_tokens_daam", "word_tokens_daam"])
     args = ap.parse_args(argv)
     try:
         path = build(args.directory, args.variant)
