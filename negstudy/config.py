@@ -200,6 +200,7 @@ class NegstudyConfig:
     device: str = "auto"
     three_branches: bool = False  # compute eps_pos, eps_neg and eps_empty at every step
     fixed_rows: Any = "auto"  # rows per conv/linear call (batch-size-independent bits): auto, 0 = off, or a number
+    autocast: Optional[str] = None  # the UNet's compute dtype: null (its own) or bf16 (faster on CPUs with BF16, other images)
     record: list[str] = field(default_factory=list)  # per-step tensors the job keeps: eps, latents
     save_images: bool = True
     resume: bool = True  # skip a job whose complete results exist (same config hash): negstudy.jobs
@@ -281,6 +282,8 @@ def validate(cfg: DictConfig) -> None:
     _allowed("device", cfg.device, DEVICES)
     if cfg.fixed_rows != "auto" and not (isinstance(cfg.fixed_rows, int) and cfg.fixed_rows >= 0):
         raise ConfigError(f"fixed_rows={cfg.fixed_rows!r}: allowed values are auto, 0 (off) or a positive number of rows")
+    if cfg.get("autocast") is not None:
+        _allowed("autocast", cfg.autocast, ("bf16",))
     for item in cfg.record:
         _allowed("record", item, RECORDABLE)
     _allowed("model.scheduler", cfg.model.scheduler, SCHEDULERS)

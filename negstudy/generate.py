@@ -131,7 +131,7 @@ def build_sampler(cfg: DictConfig) -> NegativeSampler:
     pipe = load_pipeline(cfg.model, device)
     return NegativeSampler(pipe, steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height,
                            width=cfg.width, three_branches=cfg.three_branches, progress=True,
-                           fixed_rows=cfg.get("fixed_rows", "auto"))
+                           fixed_rows=cfg.get("fixed_rows", "auto"), autocast=cfg.get("autocast"))
 
 
 def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from negstudy.schedules import StepPlan
 
 BRANCHES = ("negative", "empty", "positive")
+AUTOCAST = {None: None, "bf16": torch.bfloat16}  # NegativeSampler(autocast=...): the UNet's compute dtype
 # A block of UNet rows on the CPU should hold about this much work (latent positions x the first
 # block's channels): 8 rows of the shapes model (32 x 32 x 32).
 CPU_BLOCK_WORK = 8 * 32 * 32 * 32
@@ -154,11 +155,18 @@ class NegativeSampler:
     then decodes image by image), which makes images independent of the batch size; "auto" is
     :func:`cpu_fixed_rows` on the CPU and 0 elsewhere (whole batches, one kernel call per layer:
     fastest on GPUs, where the bits then depend on the batch as in diffusers).
+
+    autocast: None (the UNet in its own dtype) or "bf16": the UNet's matrix products and
+    convolutions in bfloat16 (``torch.autocast``), everything else (guidance, scheduler, decoding)
+    in float32. Measured on the shapes model on a 2-core AVX-512-BF16 CPU: 1.6-1.9x the rows per
+    second; its noise predictions differ from float32's by up to ~3e-2, so images differ slightly
+    from the default's (and from diffusers'); with fixed rows they are still byte-identical
+    whatever the batch, lanes or branching.
     """
 
     def __init__(self, pipe, *, steps: int = 30, guidance_scale: float = 7.5, height: int | None = None,
                  width: int | None = None, three_branches: bool = False, progress: bool = False,
-                 fixed_rows: int | str = "auto"):
+                 fixed_rows: int | str = "auto", autocast: str | None = None):
         self.pipe = pipe
         self.unet, self.scheduler, self.vae = pipe.unet, pipe.scheduler, getattr(pipe, "vae", None)
         self.steps = steps
@@ -177,6 +185,9 @@ class NegativeSampler:
         if not isinstance(fixed_rows, int) or fixed_rows < 0:
             raise ValueError(f"fixed_rows={fixed_rows!r}: expected 'auto', 0 (off) or a number of rows")
         self.fixed_rows = fixed_rows
+        if autocast not in AUTOCAST:
+            raise ValueError(f"autocast={autocast!r}: expected one of {list(AUTOCAST)}")
+        self.autocast = autocast
 
     @property
     def device(self) -> torch.device:
@@ -272,8 +283,8 @@ class NegativeSampler:
             index = torch.tensor([b for b, _ in rows], device=self.device)
             model_in = self.scheduler.scale_model_input(latents[index], t)
             cond = torch.cat([embeds[branch][b : b + 1] for b, branch in rows])
-            with FixedRows(self.fixed_rows) if self.fixed_rows else contextlib.nullcontext():
-                out = self.unet(model_in, t, encoder_hidden_states=cond, return_dict=False)[0]
+            with FixedRows(self.fixed_rows) if self.fixed_rows else contextlib.nullcontext(), self._autocast():
+                out = self.unet(model_in, t, encoder_hidden_states=cond, return_dict=False)[0].to(latents.dtype)
             eps = {branch: torch.full_like(latents, float("nan")) for branch in BRANCHES}
             for j, (b, branch) in enumerate(rows):
                 eps[branch][b] = out[j]
@@ -294,8 +305,14 @@ class NegativeSampler:
 
     # -- snapshots: continue a trajectory from a step without recomputing its prefix
 
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST[self.autocast])
+
     def _settings(self) -> tuple:
-        return (id(self.unet), type(self.scheduler).__name__, self.steps, self.guidance_scale, self.height, self.width)
+        return (id(self.unet), type(self.scheduler).__name__, self.steps, self.guidance_scale, self.height, self.width,
+                self.autocast)
 
     def _per_sample(self, value, n: int) -> bool:
         """Whether a scheduler attribute holds one row per lane (a latents-shaped tensor or a list of them)."""

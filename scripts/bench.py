@@ -1,6 +1,6 @@
 """negstudy's benchmark, every figure measured in one run of this script.
 
-    python scripts/bench.py [--models shapes,sd2arch] [--steps N] [--device auto] [--repeats 3] [--quick] [--out bench.json]
+    python scripts/bench.py [--models shapes[,sd2arch]] [--steps N] [--device auto] [--repeats 3] [--compile] [--quick] [--out bench.json]
 
 For each model:
 
@@ -17,7 +17,15 @@ For each model:
 3. cross-attention recording (``AttentionRecorder``, paper layers, word maps kept) on against off
    on a batch of seeds: wall-time ratio (target <= 1.3) and recorded bytes per image;
 4. the price of batch-size-independent images: fixed rows (``NegativeSampler.fixed_rows``) on
-   against off on one batch of ``--batch`` images.
+   against off on one batch of ``--batch`` images;
+5. rows per second under each speed option (:data:`OPTIONS`: fixed-row block sizes, channels_last,
+   bf16 autocast; torch.compile with ``--compile``) on one batch, as ratios to the default measured
+   in the same run (wall and CPU time), with the pixel difference from the default's images and
+   whether each option's images are still batch-size independent; and the critical-step study's
+   UNet rows per (pair, seed) before and after branching from the screened trajectories.
+
+The default (the shapes model only) takes a few minutes on a 2-core CPU; ``sd2arch`` is for a GPU
+(or a patient CPU: minutes per image).
 
 Everything but the "off" runs uses the sampler as ``--fixed-rows`` sets it (default: the
 sampler's own choice: on a CPU 8 rows for the shapes model, 2 for SD2's UNet; off on a GPU).
@@ -121,7 +129,7 @@ def defaults(name: str, device: torch.device, quick: bool) -> dict:
     if name == "sd2arch" and device.type == "cpu":  # seconds per UNet row: a few steps, small batches
         d = dict(steps=3, images=2, batch=4)
     else:
-        d = dict(steps=30, images=4, batch=16)
+        d = dict(steps=20, images=4, batch=16)  # 20: the default run stays within a few minutes on 2 cores
     return dict(steps=min(d["steps"], 10), images=2, batch=4) if quick else d
 
 
@@ -215,18 +223,91 @@ def attention_cost(sampler: NegativeSampler, repeats: int, images: int, device) 
                 same_pixels=bool(np.array_equal(on, off)), repeats=repeats)
 
 
-def fixed_rows_cost(sampler: NegativeSampler, off: NegativeSampler, repeats: int, images: int, device) -> dict:
-    """Schedule ``always`` on one batch of ``images`` seeds with the sampler's fixed rows, and without."""
-    plan = Always().plan(sampler.n_calls)
+OPTIONS = {  # name -> sampler settings and UNet memory format; the first is the reference
+    "fixed rows (default)": dict(),
+    "fixed rows off": dict(fixed_rows=0),
+    "fixed rows 16": dict(fixed_rows=16),
+    "fixed rows 32": dict(fixed_rows=32),
+    "channels_last": dict(channels_last=True),
+    "bf16 autocast": dict(autocast="bf16"),
+    "bf16 autocast, fixed rows 16": dict(autocast="bf16", fixed_rows=16),
+}
+
+
+def options(pipe, steps: int, images: int, repeats: int, device, compile_unet: bool = False) -> dict:
+    """Rows per second of the sampler under each speed option, on one batch of ``images`` seeds (``always``).
+
+    Interleaved repeats, medians of wall and process CPU time (CPU time is steadier on a shared
+    machine); ratios against the first option measured in the same run; max |pixel difference|
+    from its images; whether the images are byte-identical to the same option's images generated
+    one by one (batch-size independence).
+    """
+    opts = dict(OPTIONS)
+    if compile_unet:
+        opts["torch.compile (inductor)"] = dict(compile=True)
     prompts = [PROMPT, "a box in the sky", "a tree on the sand", "a kite at night"]
-    batch = Batch([prompts[i % 4] for i in range(images)], [NEGATIVE] * images, list(range(images)), [plan] * images)
-    sampler.generate(batch), off.generate(batch)  # warm-up
-    t_on, t_off = [], []
+    batch_of = lambda n: Batch([prompts[i % 4] for i in range(n)], [NEGATIVE] * n, list(range(n)), [Always().plan(n_calls)] * n)
+    unet = pipe.unet
+    samplers, out = {}, {}
+    for name, o in opts.items():
+        kw = {k: v for k, v in o.items() if k in ("fixed_rows", "autocast")}
+        samplers[name] = NegativeSampler(pipe, steps=steps, **kw)
+    n_calls = next(iter(samplers.values())).n_calls
+    batch = batch_of(images)
+    rows = 2 * images * n_calls
+
+    @contextlib.contextmanager
+    def setup(o):
+        original = pipe.unet
+        if o.get("channels_last"):
+            unet.to(memory_format=torch.channels_last)
+        if o.get("compile"):
+            pipe.unet = torch.compile(unet)
+        try:
+            yield
+        finally:
+            pipe.unet = original
+            unet.to(memory_format=torch.contiguous_format)
+
+    times = {name: [] for name in opts}
+    for name, o in opts.items():  # warm-up (compilation), reference images, one-by-one images
+        with setup(o):
+            sampler = samplers[name]
+            sampler.unet = pipe.unet
+            t = time.perf_counter()
+            imgs = sampler.generate(batch)
+            warm = time.perf_counter() - t
+            alone = np.concatenate([sampler.generate(batch_of(1)) for _ in range(1)])
+            out[name] = dict(images=imgs, warmup_s=warm, batch_independent=bool(np.array_equal(alone[0], imgs[0])))
     for _ in range(repeats):
-        t_on.append(timed(lambda: sampler.generate(batch), device)[1])
-        t_off.append(timed(lambda: off.generate(batch), device)[1])
-    a, b = statistics.median(t_on), statistics.median(t_off)
-    return dict(images=images, fixed_rows=sampler.fixed_rows, wall_on_s=a, wall_off_s=b, wall_ratio=a / b, repeats=repeats)
+        for name, o in opts.items():
+            with setup(o):
+                samplers[name].unet = pipe.unet
+                c = time.process_time()
+                _, w = timed(lambda: samplers[name].generate(batch), device)
+                times[name].append((w, time.process_time() - c))
+    ref = next(iter(opts))
+    result = {}
+    for name in opts:
+        w = statistics.median(t for t, _ in times[name])
+        c = statistics.median(t for _, t in times[name])
+        result[name] = dict(rows=rows, wall_s=w, cpu_s=c, rows_per_s=rows / w, rows_per_cpu_s=rows / c,
+                            max_pixel_diff=float(np.abs(out[name]["images"] - out[ref]["images"]).max()),
+                            batch_independent=out[name]["batch_independent"], warmup_s=out[name]["warmup_s"])
+    for name in opts:
+        result[name]["ratio"] = result[name]["rows_per_s"] / result[ref]["rows_per_s"]
+        result[name]["ratio_cpu"] = result[name]["rows_per_cpu_s"] / result[ref]["rows_per_cpu_s"]
+    return dict(images=images, steps=steps, repeats=repeats, options=result)
+
+
+def prefix_reuse_rows(n_calls: int, stride: int) -> dict:
+    """UNet rows of one (pair, seed) of the critical-step study: shared-prefix sweep vs branching from the screen."""
+    starts = list(range(0, n_calls, stride))
+    screen = 2 * n_calls
+    shared = 2 * n_calls + sum(2 * (n_calls - k) for k in starts)  # the never lane + one lane per start after it splits
+    branched = sum(2 * (n_calls - k) for k in starts)  # the prefix and the plain image come from the screen
+    return dict(stride=stride, starts=len(starts) + 1, screen=screen, sweep_shared_prefix=shared, sweep_branched=branched,
+                total_before=screen + shared, total_after=screen + branched, ratio=(screen + branched) / (screen + shared))
 
 
 def machine(device: torch.device) -> dict:
@@ -289,6 +370,17 @@ def markdown(results: dict) -> str:
         lambda m: _ratio(m["attention"]["wall_on_s"], m["attention"]["wall_off_s"], m["attention"]["wall_ratio"])
         + f" ({m['attention']['images']} images)")
     row("recorded attention data per image", lambda m: f"{m['attention']['bytes_per_image'] / 2**20:.2f} MiB")
+    names = list(dict.fromkeys(k for m in models.values() for k in m["options"]["options"]))
+    for name in names:
+        def opt(m, name=name):
+            o = m["options"]["options"].get(name)
+            if o is None:
+                return "-"
+            return (f"{o['rows_per_s']:.0f} rows/s (x{o['ratio']:.2f}; CPU time x{o['ratio_cpu']:.2f}); "
+                    f"max pixel diff {o['max_pixel_diff']:.1e}; batch-independent {'yes' if o['batch_independent'] else 'NO'}")
+        row(f"speed option: {name} (`always`, one batch, median of {n})", opt)
+    row("critical-step study, UNet rows per (pair, seed) at 30 steps, stride 3: screen + sweep, shared prefix -> branched",
+        lambda m: f"{m['prefix_reuse']['total_before']} -> {m['prefix_reuse']['total_after']} (x{m['prefix_reuse']['ratio']:.2f})")
     row(f"wall: fixed rows on / off, `always`, one batch (median of {n})",
         lambda m: _ratio(m["fixed_rows"]["wall_on_s"], m["fixed_rows"]["wall_off_s"], m["fixed_rows"]["wall_ratio"])
         + f" ({m['fixed_rows']['images']} images, blocks of {m['fixed_rows']['fixed_rows']} rows)")
@@ -297,8 +389,9 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="shapes,sd2arch",
-                    help="comma-separated: shapes, sd2arch, tiny or a diffusers directory")
+    ap.add_argument("--models", default="shapes",
+                    help="comma-separated: shapes, sd2arch (SD2's UNet: minutes per image on a CPU; for a GPU), "
+                         "tiny or a diffusers directory")
     ap.add_argument("--steps", type=int, default=None,
                     help="inference steps (default 30, 3 for sd2arch on a CPU; at most 10 with --quick)")
     ap.add_argument("--device", default="auto")
@@ -310,6 +403,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="images of the fixed-rows comparison (default 16; 4 for sd2arch on a CPU or with --quick)")
     ap.add_argument("--fixed-rows", default="auto",
                     help="the sampler's fixed_rows: auto (on a CPU 8 for small UNets, 2 for SD's; off on a GPU), 0 (off) or rows")
+    ap.add_argument("--option-images", type=int, default=None,
+                    help="images of the speed-option comparison (default 16 at 10 steps; 2 at 3 steps for sd2arch on a CPU)")
+    ap.add_argument("--compile", action="store_true", help="also measure torch.compile (inductor; needs a C++ compiler on a CPU)")
     ap.add_argument("--quick", action="store_true", help="fewer steps, repeats and images: a smoke run")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
@@ -336,11 +432,15 @@ def main(argv: list[str] | None = None) -> dict:
             entry["sweep_off"] = step_sweep(off, device)
         entry["diffusers"] = versus_diffusers({"off": off} | ({"on": sampler} if sampler.fixed_rows else {}), repeats, device)
         entry["attention"] = attention_cost(sampler, repeats, images, device)
-        on = sampler if sampler.fixed_rows else NegativeSampler(
-            pipe, steps=steps, fixed_rows=cpu_fixed_rows(pipe.unet, sampler.latent_shape))
-        entry["fixed_rows"] = fixed_rows_cost(on, off, repeats, batch, device)
+        o_steps, o_images = (3, 2) if name == "sd2arch" and device.type == "cpu" else (min(10, steps), 4 if args.quick else batch)
+        entry["options"] = options(pipe, o_steps, args.option_images or o_images, repeats, device, args.compile)
+        on, no = entry["options"]["options"]["fixed rows (default)"], entry["options"]["options"]["fixed rows off"]
+        entry["fixed_rows"] = dict(images=entry["options"]["images"], fixed_rows=cpu_fixed_rows(pipe.unet, sampler.latent_shape),
+                                   wall_on_s=on["wall_s"], wall_off_s=no["wall_s"], wall_ratio=on["wall_s"] / no["wall_s"],
+                                   repeats=repeats, steps=o_steps)
+        entry["prefix_reuse"] = prefix_reuse_rows(NegativeSampler(pipe, steps=30).n_calls, 3)
         results["models"][name] = entry
-        del pipe, sampler, off, on
+        del pipe, sampler, off
     results["machine"]["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print()
     print(markdown(results))

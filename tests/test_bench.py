@@ -33,4 +33,9 @@ def test_quick_bench_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
     att = m["attention"]
     assert att["same_pixels"] and att["bytes_per_image"] > 0
     assert all(x > 0 for x in (diff["on"]["wall_ratio"], att["wall_ratio"], m["fixed_rows"]["wall_ratio"]))
+    opts = m["options"]["options"]
+    assert opts["fixed rows (default)"]["ratio"] == 1.0 and opts["fixed rows (default)"]["max_pixel_diff"] == 0.0
+    assert opts["fixed rows (default)"]["batch_independent"] and opts["bf16 autocast"]["batch_independent"]
+    assert opts["fixed rows off"]["max_pixel_diff"] <= 1e-5 < opts["bf16 autocast"]["max_pixel_diff"]
+    assert m["prefix_reuse"]["total_after"] < m["prefix_reuse"]["total_before"]
     assert "| UNet rows: shared prefix / independent |" in printed and "machine: " in printed

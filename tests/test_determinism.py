@@ -164,3 +164,21 @@ def test_halving_keeps_the_smaller_size_and_every_item_once():
     assert list(halve_on_oom([], 4, run)) == []
     with pytest.raises(ValueError):  # other errors pass through untouched
         list(halve_on_oom([1], 4, lambda b: (_ for _ in ()).throw(ValueError("no"))))
+
+
+def test_bf16_autocast_keeps_images_independent_of_the_batch():
+    """autocast=bf16 changes the images (other rounding) but, with fixed rows, not with the batch."""
+    from negstudy.schedules import Always
+    from negstudy.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(0)
+    fast, exact = NegativeSampler(pipe, steps=5, autocast="bf16"), NegativeSampler(pipe, steps=5)
+    plans = [Always().plan(fast.n_calls)] * 3
+    batch = Batch(["a red ball", "a dog", "a red ball"], ["a dog"] * 3, [0, 1, 2], plans)
+    together = fast.generate(batch)
+    for j in range(3):
+        alone = fast.generate(Batch([batch.prompts[j]], ["a dog"], [batch.seeds[j]], [plans[j]]))
+        assert np.array_equal(together[j], alone[0])
+    assert together.dtype == np.float32 and not np.array_equal(together, exact.generate(batch))
+    with pytest.raises(ValueError, match="autocast='fp8'"):
+        NegativeSampler(pipe, steps=5, autocast="fp8")
