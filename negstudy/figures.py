@@ -22,7 +22,7 @@ from negstudy.critical import first_hit_step
 from negstudy.records import atomic_path, to_uint8
 from negstudy.sampler import Batch
 from negstudy.schedules import Always, Never
-from negstudy.shapes import oracle, world
+from negstudy.shapes import world
 
 COLOURS = {"always": "tab:red", "never": "tab:blue", "inside": "tab:red", "outside": "tab:blue", "all": "tab:grey"}
 
@@ -131,14 +131,14 @@ def attention_grid_for(sampler, prompt: str, negative: str, seed: int, window: i
     mass_in_region, hit (NaN masses when the object does not appear without the negative), heat (the
     window-mean map, float32 (h, w): not written to parquet; W&B shows it in a table).
     """
-    from negstudy.studies.critical_step import concept_present
+    from negstudy.evaluators.ensemble import concept_present, oracle_readings
 
     positive_word = positive_word or positive_word_of(prompt)
     n = sampler.n_calls
     recorder = AttentionRecorder(sampler.unet, words=[negative, positive_word])
     batch = Batch([prompt] * 2, [negative] * 2, [seed] * 2, [Always().plan(n), Never().plan(n)])
     images = to_uint8(sampler.generate(batch, [recorder]))
-    present, region = concept_present(oracle.inspect(images[1]), negative)
+    present, region = concept_present(oracle_readings(images[1:2])[0], negative)
     maps_pos = recorder.maps(0, "positive", positive_word).float().numpy()
     maps_neg = recorder.maps(0, "negative", negative).float().numpy()
     windows = step_windows(n, window)

@@ -201,12 +201,15 @@ def critical_table(crit: pd.DataFrame) -> pd.DataFrame:
 def removal_vs_start(removal: pd.DataFrame) -> pd.DataFrame:
     """Per category and start step: how often the concept is gone, over pair-seeds where it
     appeared without the negative (95 % CI: pairs-then-seeds bootstrap, widened to Wilson's)."""
-    base = removal[removal.present_without_negative.astype(bool)]
+    base = removal[removal.present_without_negative.fillna(False).astype(bool)]
     rows = []
-    for (category, k), g in base.groupby(["category", "start_step"]):
+    for (category, k), g_all in base.groupby(["category", "start_step"]):
+        g = g_all[g_all.concept_present.notna()]  # the reader's "unsure" is counted, not guessed
+        if g.empty:
+            continue
         rate, lo, hi = cluster_rate_ci(~g.concept_present.astype(bool).to_numpy(), pair_labels(g).to_numpy())
         rows.append({"category": category, "start_step": int(k), "removed": rate, "ci_low": lo, "ci_high": hi,
-                     **_counts(g), "psnr_outside_median": float(np.nanmedian(g.psnr_outside)) if g.psnr_outside.notna().any() else np.nan})
+                     **_counts(g), "n_unsure": len(g_all) - len(g), "psnr_outside_median": float(np.nanmedian(g.psnr_outside)) if g.psnr_outside.notna().any() else np.nan})
     return pd.DataFrame(rows)
 
 
@@ -215,9 +218,12 @@ def reverse_activation(reverse: pd.DataFrame) -> pd.DataFrame:
     pair-seeds where it is absent without the negative (95 % CI: pairs-then-seeds bootstrap,
     widened to Wilson's)."""
     rows = []
-    for k, g in reverse.groupby("k"):
+    for k, g_all in reverse.groupby("k"):
+        g = g_all[g_all.appears.notna()]  # the reader's "unsure" is counted, not guessed
+        if g.empty:
+            continue
         rate, lo, hi = cluster_rate_ci(g.appears.astype(bool).to_numpy(), pair_labels(g).to_numpy())
-        rows.append({"k": int(k), "appears": rate, "ci_low": lo, "ci_high": hi, **_counts(g)})
+        rows.append({"k": int(k), "appears": rate, "ci_low": lo, "ci_high": hi, **_counts(g), "n_unsure": len(g_all) - len(g)})
     return pd.DataFrame(rows)
 
 

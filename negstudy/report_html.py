@@ -133,7 +133,7 @@ def _units(removal: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (job, pair, seed), g in removal.groupby(["job", "pair", "seed"], sort=True):
         g = g.sort_values("start_step")
-        present = g.concept_present.astype(bool).to_numpy()
+        present = g.concept_present.fillna(False).astype(bool).to_numpy()  # unsure: not counted as present
         rows.append({"job": job, "pair": pair, "seed": seed, "prompt": g.prompt.iloc[0] if "prompt" in g else "",
                      "negative": g.negative.iloc[0], "category": g.category.iloc[0],
                      "plain": bool(g.present_without_negative.iloc[0]), "removed_at_0": not present[0],
@@ -205,7 +205,9 @@ def fig_strips(rows: list[dict]) -> Figure:
             k = row["steps"][c]
             ax.set_title("no negative" if c == last else f"k={k}", fontsize=7, pad=2)
             verdict = row["verdicts"].get(k)
-            if verdict is not None:
+            if verdict == "unsure":
+                ax.set_xlabel("unsure", fontsize=7, labelpad=2, color="tab:gray")
+            elif verdict is not None:
                 ax.set_xlabel("present" if verdict else "absent", fontsize=7, labelpad=2,
                               color="tab:red" if verdict else "tab:green")
             for spine in ax.spines.values():
@@ -230,7 +232,7 @@ def strips_section(root: Path, out: Path, removal: pd.DataFrame) -> tuple[str, l
             continue
         steps, tiles = load_strip(path)
         g = removal[(removal.job == u.job) & (removal.pair == u.pair) & (removal.seed == u.seed)]
-        verdicts = {int(k): bool(v) for k, v in zip(g.start_step, g.concept_present)}
+        verdicts = {int(k): ("unsure" if pd.isna(v) else bool(v)) for k, v in zip(g.start_step, g.concept_present)}
         rows.append({"prompt": u.prompt, "negative": u.negative, "seed": u.seed, "category": u.category, "steps": steps,
                      "tiles": tiles, "verdicts": verdicts, "path": path, "plain": u.plain, "job": u.job, "pair": u.pair})
     if not rows:

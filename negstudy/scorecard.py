@@ -349,7 +349,8 @@ def _reverse(reverse: pd.DataFrame) -> Measure | str:
     early = reverse[(reverse.k >= 1) & (reverse.k <= top) & (reverse.k < n_calls)]
     if early.empty:
         return f"reverse.parquet has no k in 1..{top} of {n_calls} calls (the sweep's stride skips them)"
-    frame = reverse.assign(pair_label=report.pair_labels(reverse))
+    frame = reverse[reverse.appears.notna()]  # the reader's "unsure" is left out
+    frame = frame.assign(pair_label=report.pair_labels(frame), appears=frame.appears.astype(bool))
     key = report.UNIT + ["pair_label"]
     base = frame[frame.k == 0].groupby(key).appears.any()
     seen = frame[frame.k.isin(early.k.unique())].groupby(key).appears.any()

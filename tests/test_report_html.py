@@ -125,7 +125,7 @@ def test_strip_tiles_and_verdicts_match_the_run(main_job):
         assert row["steps"] == [0, 2, 4, 6] and len(row["tiles"]) == 4
         assert all(t.shape == row["tiles"][0].shape for t in row["tiles"])
         g = removal[(removal.job == row["job"]) & (removal.pair == row["pair"]) & (removal.seed == row["seed"])]
-        assert row["verdicts"] == dict(zip(g.start_step.astype(int), g.concept_present.astype(bool)))
+        assert row["verdicts"] == {int(k): ("unsure" if pd.isna(v) else bool(v)) for k, v in zip(g.start_step, g.concept_present)}
 
 
 def test_html_report_of_synthetic_tables_renders_in_chromium(tmp_path):

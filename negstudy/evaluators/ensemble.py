@@ -35,7 +35,7 @@ or ``"unsure"``); the attribute (a class, ``"none"`` or ``"unsure"``). Three rea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -321,3 +321,44 @@ def agreement(table, readings: Sequence[Reading]) -> dict[str, dict]:
         out[d] = {"agree": k, "n": n, "unsure": u, "labelled": n + u, "rate": rate, "lo": lo, "hi": hi,
                   "unsure_rate": u / (n + u) if n + u else float("nan")}
     return out
+
+
+# ----------------------------------------------------------------------------- the studies' reader
+
+STUDY_READERS = ("ensemble", "oracle")  # readers of the shapes world that locate objects (masks)
+
+
+def study_reader(cfg_evaluator) -> tuple[str, Callable[[np.ndarray], list[Reading]]]:
+    """The reader a study of the shapes world uses: ``evaluator.name`` when it is one of
+    ``STUDY_READERS``, else the default (ensemble). Returns (name, images (B, 32, 32, 3) uint8 -> readings).
+    The studies need masks (attention lift, PSNR outside the object), which only these readers give."""
+    name = str(cfg_evaluator.get("name", "ensemble")) if cfg_evaluator is not None else "ensemble"
+    if name not in STUDY_READERS:
+        name = "ensemble"
+    if name == "oracle":
+        return name, oracle_readings
+    if cfg_evaluator is None or cfg_evaluator.get("name") != "ensemble":
+        from omegaconf import OmegaConf
+
+        from negstudy.config import ClipConfig
+
+        cfg_evaluator = OmegaConf.merge(OmegaConf.structured(ClipConfig), {"name": "ensemble"})
+    return name, EnsembleEvaluator.from_config(cfg_evaluator, "shapes").read
+
+
+def concept_present(reading: Reading, negative: str) -> tuple[bool | None, np.ndarray | None]:
+    """The rule every study uses for "the negative's concept is in the image": True / False, or
+    None where the reader is unsure (tables count such rows and leave them out of rates), and the
+    concept's region (the union of the surely present objects' masks) when it is an object.
+    An object negative is present if any object it names is surely present, unsure if none is but
+    one is unsure; an attribute negative is the reading's attribute (unsure -> None)."""
+    spec = world.parse_caption(negative)
+    if spec.objects:
+        states = [reading.objects.get(o) for o in spec.objects]
+        masks = [reading.masks[o] for o, s in zip(spec.objects, states) if s and o in reading.masks]
+        if any(states):
+            return True, (np.logical_or.reduce(masks) if masks else None)
+        return (None if None in states else False), None
+    if spec.attribute:
+        return (None if reading.attribute == UNSURE else reading.attribute == spec.attribute), None
+    raise ValueError(f"negative prompt {negative!r} names no object or attribute of the shapes world")

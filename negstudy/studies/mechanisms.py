@@ -23,7 +23,7 @@ one batch, the negative at every step (``always``) and never (``never``) from th
   under both schedules.
 - neutralization (:func:`neutralization`): ``cos(eps_pos - eps_empty, eps_neg - eps_empty)``
   restricted to the entries (3 or 4 channels x pixels) inside the negative's object region, and to
-  those outside it. The region is the oracle's mask of the object in the image generated WITHOUT
+  those outside it. The region is the study reader's (oracle's) mask of the object in the image generated WITHOUT
   the negative (same seed), at the latent grid (pixel-space: the mask itself).
 - energy barrier (:func:`energy_barrier`, Figure 5): a background image z_bg and an object image
   z_obj, mixed ``z = theta z_bg + (1 - theta) z_obj``, noised at a fixed step's timestep t with
@@ -96,8 +96,8 @@ from negstudy.datasets import pairs_of
 from negstudy.records import to_uint8, write_table
 from negstudy.sampler import Batch, Hook, NegativeSampler, StepState
 from negstudy.schedules import Always, Never
-from negstudy.shapes import oracle, world
-from negstudy.studies.critical_step import concept_present
+from negstudy.shapes import world
+from negstudy.evaluators.ensemble import concept_present, study_reader
 
 log = logging.getLogger("negstudy")
 
@@ -474,11 +474,13 @@ def _generate(sampler: NegativeSampler, prompts: list[str], seeds: list[int], ch
     return np.concatenate(out)
 
 
-def _object_region(verdict, negative: str) -> tuple[bool, np.ndarray | None]:
-    """Whether the negative's object(s) are in the image and their region; (False, None) for attribute negatives."""
+def _object_region(reading, negative: str) -> tuple[bool, np.ndarray | None]:
+    """Whether the negative's object(s) are surely in the image and their region; (False, None) for
+    attribute negatives and where the reader is unsure (an unconfirmed region is no region)."""
     if not world.parse_caption(negative).objects:
         return False, None
-    return concept_present(verdict, negative)
+    present, region = concept_present(reading, negative)
+    return (True, region) if present and region is not None else (False, None)
 
 
 def _setting(cfg: DictConfig, key: str, default):
@@ -496,13 +498,13 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     says per row whether the object appeared without the negative and whether the seed was added
     by the screen.
 
-    1. without the negative (plain CFG): each pair's prompt per seed; the oracle gives the
+    1. without the negative (plain CFG): each pair's prompt per seed; the reader gives the
        negative object's region if it appears; the prompt naming the object, per seed;
     2. always / never with three branches, regions from 1: inducing, momentum, neutralization;
     3. energy barrier per (pair, seed) with a confirmed background and object image of that seed:
        z_obj = the image without the negative if the object is there, else the naming prompt's
        image; z_bg = the image with the negative (object gone) in the first case, else the image
-       without it; pairs the oracle cannot confirm are left out;
+       without it; pairs the reader cannot confirm (absent or unsure) are left out;
     4. an attention grid (Figures 1/4) for the first (pair, seed) with a region.
     """
     from negstudy import figures
@@ -521,12 +523,13 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     chunk = max(1, int(cfg.get("batch_size", 16)) // 2)
     pairs = pairs_of(cfg.dataset)
     plain = with_branches(sampler, False)
+    _, read = study_reader(cfg.get("evaluator"))
 
     # 1. without the negative: the object's region per (pair, seed), screening extra seeds if asked
     seeds = list(dict.fromkeys(int(s) for s in cfg.seeds))
     candidates = [(p, s) for p in range(len(pairs)) for s in dict.fromkeys(seeds + list(range(screen_seeds)))]
     screen_images = _generate(plain, [pairs[p].prompt for p, _ in candidates], [s for _, s in candidates], 2 * chunk)
-    found = {c: _object_region(v, pairs[c[0]].negative) for c, v in zip(candidates, oracle.inspect_batch(screen_images))}
+    found = {c: _object_region(v, pairs[c[0]].negative) for c, v in zip(candidates, read(screen_images))}
     image_without = dict(zip(candidates, screen_images))
     items = [(p, s) for p in range(len(pairs)) for s in seeds]
     for p in range(len(pairs)):
@@ -552,18 +555,18 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
         always_images.append(to_uint8(images[: len(part)]))
     steps = pd.concat(tables, ignore_index=True)
     always_images = np.concatenate(always_images)
-    removed = [not _object_region(v, pairs[p].negative)[0] for v, (p, _) in zip(oracle.inspect_batch(always_images), items)]
+    removed = [concept_present(r, pairs[p].negative)[0] is False for r, (p, _) in zip(read(always_images), items)]  # surely gone
     out = {"inducing": inducing(steps), "momentum": momentum(steps), "neutralization": neutralization(steps)}
     region_fraction = {j: float(r.mean()) for j, r in enumerate(regions) if r is not None}
     out["neutralization"]["region_fraction"] = out["neutralization"].item.map(region_fraction)
 
-    # 3. energy barrier: a background and an object image per (pair, seed), confirmed by the oracle
+    # 3. energy barrier: a background and an object image per (pair, seed), confirmed by the reader
     is_object = [bool(world.parse_caption(pairs[p].negative).objects) for p, _ in items]
     need_named = [j for j in range(k) if is_object[j] and not without[j][0]]
     named_images = _generate(plain, [naming_prompt(pairs[items[j][0]].prompt, pairs[items[j][0]].negative) for j in need_named],
                              [items[j][1] for j in need_named], 2 * chunk) if need_named else []
     named_ok = {j: _object_region(v, pairs[items[j][0]].negative)[0]
-                for j, v in zip(need_named, oracle.inspect_batch(named_images) if need_named else [])}
+                for j, v in zip(need_named, read(named_images) if need_named else [])}
     named_image = dict(zip(need_named, named_images))
     chosen = []  # (item, z_bg image, z_obj image, bg source, obj source)
     for j, c in enumerate(items):

@@ -1,11 +1,13 @@
 """Reverse activation (PAPER.md section 4): a negative prompt applied only in the first k steps can
 CREATE the object it names. negstudy counts it instead of showing it.
 
-Per prompt pair: the seeds ``0..sweep.screen_seeds-1`` where the negative's object does NOT appear
-without the negative (oracle), up to ``sweep.max_seeds`` of them; for each, ONE shared-prefix batch
-of ``first_k(k)`` for k = 0, stride, 2 stride, ..., n_calls (k = 0 is the plain image, k = n_calls
-ordinary negative prompting). ``reverse.parquet``: pair, seed, k, whether the object appears.
-The report gives, per k, the rate at which it appears, with 95 % Wilson intervals.
+Per prompt pair: the seeds ``0..sweep.screen_seeds-1`` where the negative's object surely does NOT
+appear without the negative (the study's reader, :func:`negstudy.evaluators.ensemble.study_reader`;
+seeds where it is unsure are counted in ``reverse_screen`` and left out), up to ``sweep.max_seeds``
+of them; for each, ONE shared-prefix batch of ``first_k(k)`` for k = 0, stride, 2 stride, ..., n_calls (k = 0 is the plain image, k = n_calls
+ordinary negative prompting). ``reverse.parquet``: pair, seed, k, whether the object appears
+(True / False, missing where the reader is unsure: counted, never guessed).
+The report gives, per k, the rate at which it appears, with 95 % intervals (pairs, then seeds).
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from negstudy.datasets import pairs_of
 from negstudy.records import save_png, slug, to_uint8, write_table
 from negstudy.sampler import Batch, NegativeSampler
 from negstudy.schedules import FirstK, Never
-from negstudy.shapes import oracle
-from negstudy.studies.critical_step import concept_present
+from negstudy.evaluators.ensemble import concept_present, study_reader
 
 
 def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, pd.DataFrame]:
@@ -32,18 +33,21 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     plans = [FirstK(k).plan(n) for k in ks]
     pairs = [p for p in pairs_of(cfg.dataset) if p.category == "object"]
     rows, screen = [], []
+    reader_name, read = study_reader(cfg.get("evaluator"))
     for p, pair in enumerate(tqdm(pairs, desc="pairs", unit="pair")):
         seeds = list(range(sw.screen_seeds))
         never = Never().plan(n)
         images = to_uint8(sampler.generate(Batch([pair.prompt] * len(seeds), [pair.negative] * len(seeds), seeds, [never] * len(seeds))))
-        absent = [s for s, v in zip(seeds, oracle.inspect_batch(images)) if not concept_present(v, pair.negative)[0]]
-        screen.append({"pair": p, "prompt": pair.prompt, "negative": pair.negative, "screened": len(seeds), "absent": len(absent)})
+        states = [concept_present(r, pair.negative)[0] for r in read(images)]
+        absent = [s for s, state in zip(seeds, states) if state is False]
+        screen.append({"pair": p, "prompt": pair.prompt, "negative": pair.negative, "screened": len(seeds), "absent": len(absent),
+                       "unsure": sum(state is None for state in states), "reader": reader_name})
         for seed in tqdm(absent[: sw.max_seeds], desc="first-k sweep", unit="seed", leave=False):
             m = len(plans)
             images = to_uint8(sampler.generate(Batch([pair.prompt] * m, [pair.negative] * m, [seed] * m, plans)))
-            for k, verdict in zip(ks, oracle.inspect_batch(images)):
+            for k, reading in zip(ks, read(images)):
                 rows.append({"pair": p, "prompt": pair.prompt, "negative": pair.negative, "seed": seed, "k": k,
-                             "appears": concept_present(verdict, pair.negative)[0]})
+                             "appears": concept_present(reading, pair.negative)[0]})
             if cfg.save_images:
                 save_png(np.concatenate(list(images), axis=1),
                          out_dir / "strips" / f"{p:02d}_{slug(pair.prompt)}_neg-{slug(pair.negative, 20)}_s{seed}.png",
