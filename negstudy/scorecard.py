@@ -150,8 +150,9 @@ CLAIMS = (
           inside(7, 13), outside(7, 13), "ratio", "+sweep=critical_step (the main job)", False),
     Claim("attention_later", "The negative word's attention reaches the object's region later than the positive prompt's",
           "several steps later (Figures 1 and 4, judged by eye)",
-          "needs, per pair-seed, the step at which the positive prompt's attention reaches the same region; "
-          "holds if the 95 % CI of (negative's step - positive's step) is above 0, does not hold if below 0",
+          "per pair-seed, lag = the step at which the negative word's map reaches the concept's region (negative "
+          "branch) - the step at which the prompt's first object word reaches its own object (positive branch), lift >= 2; "
+          "holds if the 95 % CI of the mean lag is above 0, does not hold if below 0",
           lambda lo, hi: lo > 0, lambda lo, hi: hi < 0, "attention", "+sweep=critical_step (the main job)", True),
     Claim("reverse_activation", "Reverse activation: the negative in the first steps only CREATES the object it names",
           "shown qualitatively (e.g. office woman + 'glasses' for the first k steps: she wears glasses)",
@@ -308,7 +309,14 @@ def _ratio_measures(crit: pd.DataFrame) -> dict[str, Measure | str]:
         out["noun_peak_height"] = Measure(float(r.peak_ratio), float(r.peak_ratio_low), float(r.peak_ratio_high), int(r.n_pairs),
                                           int(r.n_pair_seeds), f"{r.peak_ratio:.3f} (95 % CI {r.peak_ratio_low:.3f}.."
                                                                f"{r.peak_ratio_high:.3f}) at step {int(r.critical_step)}")
-        if pd.notna(r.get("attention_n", np.nan)):
+        if pd.notna(r.get("lag_n", np.nan)) and r.lag_n > 0:
+            out["attention_later"] = Measure(
+                float(r.lag_mean), float(r.lag_low), float(r.lag_high), int(r.lag_n_pairs), int(r.lag_n),
+                f"the negative word reaches the concept's region {r.lag_mean:+.1f} steps (95 % CI {r.lag_low:+.1f}.."
+                f"{r.lag_high:+.1f}) after the positive word reaches its own object (lift >= {report.HIT_LIFT:g}; {n} calls), "
+                f"over the {int(r.lag_n)} pair-seeds where both arrive; the negative never arrives in "
+                f"{int(r.attention_never)} of {int(r.attention_n)}")
+        elif pd.notna(r.get("attention_n", np.nan)):
             reached = (f"at step {r.attention_step_mean:.1f} (95 % CI {r.attention_step_low:.1f}..{r.attention_step_high:.1f}) "
                        f"of {n} calls where it does" if pd.notna(r.attention_step_mean) else "never")
             out["attention_later"] = Measure(
@@ -316,7 +324,7 @@ def _ratio_measures(crit: pd.DataFrame) -> dict[str, Measure | str]:
                 int(r.attention_n_pairs), int(r.attention_n),
                 f"the negative word reaches the object's region (lift >= {report.HIT_LIFT:g}) {reached}; never in "
                 f"{int(r.attention_never)} of {int(r.attention_n)} pair-seeds",
-                missing="the positive prompt's attention on the same region: attention.parquet has the negative word's only")
+                missing="a pair-seed where both the positive and the negative word reach their regions")
     else:
         out["noun_peak_step"] = out["noun_peak_height"] = "ratio.parquet has no object negatives"
     if "attribute" in rows.index:

@@ -111,8 +111,29 @@ def test_attention_row_shows_the_negative_word_and_says_what_is_missing(tmp_path
                  for p in range(4) for s in range(4) for t in STEPS]
     job(tmp_path / "run", "0", model(tmp_path), ratio=ratio_rows(4, 4, lambda p: bump(5, 0.07)), attention=attention)
     row = rows_by_claim(tmp_path / "run").filter(like="attention reaches", axis=0).iloc[0]
-    assert row.verdict.startswith("not measured in this run (needs the positive prompt's attention on the same region")
+    assert row.verdict.startswith("not measured in this run (needs a pair-seed where both the positive and the negative word")
     assert "at step 8.0 (95 % CI 8.0..8.0) of 31 calls where it does; never in 4 of 16 pair-seeds" in row.measured
+    assert row.n == "4 pairs x 16 pair-seeds"
+
+
+@pytest.mark.parametrize("negative_step, positive_step, verdict", [(9, 3, "holds"), (3, 9, "does not hold")])
+def test_attention_lag_compares_the_negative_word_with_the_positive_word(tmp_path, negative_step, positive_step, verdict):
+    """Planted maps: the negative word reaches its region at one step, the positive word its own object at
+    another (seed jitter of +-1 step); the row's value is the mean lag, and its sign decides."""
+    attention = []
+    for p in range(4):
+        for s in range(4):
+            jitter = s % 2
+            for t in STEPS:
+                attention.append({"pair": p, "negative": f"n{p}", "category": "object", "seed": s, "step": int(t),
+                                  "mass_in_region": 0.5 if t >= negative_step + jitter else 0.05, "region_fraction": 0.1,
+                                  "positive_word": "ball", "positive_region_fraction": 0.2,
+                                  "positive_mass_in_region": 0.9 if t >= positive_step else 0.1})
+    job(tmp_path / "run", "0", model(tmp_path, reader=GOOD_READER), ratio=ratio_rows(4, 4, lambda p: bump(5, 0.07)),
+        attention=attention)
+    row = rows_by_claim(tmp_path / "run").filter(like="attention reaches", axis=0).iloc[0]
+    assert row.verdict == verdict
+    assert row.value == pytest.approx(negative_step - positive_step + 0.5)
     assert row.n == "4 pairs x 16 pair-seeds"
 
 

@@ -1,8 +1,10 @@
 """The critical-step study (PAPER.md section 3): when does a negative prompt start to act?
 
 Per prompt pair (object or attribute negative):
-1. screen: seeds ``0..sweep.screen_seeds-1`` without the negative; the oracle says in which the
-   negative's concept (an object the caption does not name, or a global attribute) appears. The
+1. screen: seeds ``0..sweep.screen_seeds-1`` without the negative; the study's reader
+   (:func:`negstudy.evaluators.ensemble.study_reader`, the validated ensemble by default) says in
+   which the negative's concept (an object the caption does not name, or a global attribute)
+   appears; seeds where it is unsure are counted (``screen.unsure``) and never swept. The
    screened image is the plain image (k = n_calls) of the sweep, and its trajectory's state
    (x_t and the scheduler's past predictions) is kept at every delayed start step;
 2. sweep: for up to ``sweep.max_seeds`` seeds where it appears (padded with other seeds, up to
@@ -14,7 +16,9 @@ Per prompt pair (object or attribute negative):
    (Figures 1/4). Images of several (pair, seed) share each UNet batch (``batch_size`` images).
    UNet rows per (pair, seed): 2 n_calls to screen, 2 (n_calls - k) per start k < n_calls;
 3. tables: ``removal.parquet`` (pair, seed, start step, concept still present), ``ratio.parquet``
-   (pair, seed, step, variant, ratio), ``attention.parquet`` (pair, seed, step, mass in region);
+   (pair, seed, step, variant, ratio), ``attention.parquet`` (pair, seed, step, the negative word's
+   mass in the concept's region in the negative branch, and the positive word's mass in ITS object's
+   region in the positive branch, where the prompt's first object is surely present);
    the report (:mod:`negstudy.report`) turns them into critical steps with confidence intervals.
 """
 
@@ -34,21 +38,10 @@ from negstudy.figures import positive_word_of, save_word_maps
 from negstudy.records import save_png, slug, to_uint8, write_table
 from negstudy.sampler import Batch, KeepStates, NegativeSampler
 from negstudy.schedules import FromStep, Never
-from negstudy.shapes import oracle, world
+from negstudy.evaluators.ensemble import concept_present, study_reader
 from negstudy.shapes.quality import psnr_outside
 
 log = logging.getLogger("negstudy")
-
-
-def concept_present(verdict, negative: str) -> tuple[bool, np.ndarray | None]:
-    """Whether the negative's concept is in the image, and its region (object mask) if any."""
-    spec = world.parse_caption(negative)
-    if spec.objects:
-        masks = [verdict.objects[o] for o in spec.objects if verdict.present(o)]
-        return bool(masks), (np.logical_or.reduce(masks) if masks else None)
-    if spec.attribute:
-        return verdict.attribute == spec.attribute, None
-    raise ValueError(f"negative prompt {negative!r} names no object or attribute of the shapes world")
 
 
 def _chunks(items: list, size: int):
@@ -65,13 +58,14 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     pairs = pairs_of(cfg.dataset)
     screen_seeds = list(range(sw.screen_seeds))
     maps_kind = OmegaConf.select(cfg, "attention.maps", default="negstudy")  # daam: the author's maps as well
+    reader_name, read = study_reader(cfg.get("evaluator"))
     name = lambda p, seed: f"{p:02d}_{slug(pairs[p].prompt)}_neg-{slug(pairs[p].negative, 20)}_s{seed}"
 
     # 1. screen: which seeds show the concept without the negative. Each screened image is the
     #    plain image (k = n) of its sweep, and its trajectory's state at every delayed start is kept,
     #    so the sweep recomputes no prefix (same images as fresh runs: tests/test_prefix_reuse.py)
     found: dict[int, list[tuple[int, bool]]] = {p: [] for p in range(len(pairs))}
-    plain, states = {}, {}
+    plain, states, positive_region = {}, {}, {}
     items = [(p, seed) for p in range(len(pairs)) for seed in screen_seeds]
     bar = tqdm(total=len(items), desc="screen (no negative)", unit="img")
     for part in _chunks(items, cfg.batch_size):
@@ -79,8 +73,10 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
         batch = Batch([pairs[p].prompt for p, _ in part], [pairs[p].negative for p, _ in part],
                       [seed for _, seed in part], [never] * len(part))
         images = to_uint8(sampler.generate(batch, [keep]))
-        for j, ((p, seed), image, verdict) in enumerate(zip(part, images, oracle.inspect_batch(images))):
-            present, region = concept_present(verdict, pairs[p].negative)
+        for j, ((p, seed), image, reading) in enumerate(zip(part, images, read(images))):
+            present, region = concept_present(reading, pairs[p].negative)
+            word = positive_word_of(pairs[p].prompt)  # its own region: Figures 1/4 compare the two words' arrival
+            positive_region[(p, seed)] = reading.masks.get(word) if reading.objects.get(word) else None
             found[p].append((seed, present))
             plain[(p, seed)], states[(p, seed)] = (image, present, region), keep.states.get(j, {})
         bar.update(len(part))
@@ -88,8 +84,8 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     screened = {}
     for p, seeds in found.items():
         present = [s for s, ok in seeds if ok][: sw.max_seeds]
-        padding = [s for s, ok in seeds if not ok][: max(0, sw.min_seeds - len(present))]
-        screened[p] = (present, padding, sum(ok for _, ok in seeds))
+        padding = [s for s, ok in seeds if ok is False][: max(0, sw.min_seeds - len(present))]
+        screened[p] = (present, padding, sum(ok is True for _, ok in seeds), sum(ok is None for _, ok in seeds))
     jobs = [(p, seed) for p in screened for seed in screened[p][0] + screened[p][1]]
     states = {key: states[key] for key in jobs}  # the other screened images' snapshots are freed
     plain = {key: plain[key] for key in jobs}
@@ -121,10 +117,14 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
             rows = attention_rows[(p, seed)] = []
             if region is not None:
                 maps = recorder.maps(j, "negative", pair.negative).float().numpy()
+                word, pos_region = positive_word_of(pair.prompt), positive_region.get((p, seed))
+                pos_maps = recorder.maps(j, "positive", word).float().numpy() if pos_region is not None else None
                 for step, heat in enumerate(maps):
                     rows.append({"pair": p, "negative": pair.negative, "category": pair.category, "seed": seed,
                                  "step": step, "mass_in_region": mass_in_mask(heat, region),
-                                 "region_fraction": float(region.mean())})
+                                 "region_fraction": float(region.mean()), "positive_word": word,
+                                 "positive_mass_in_region": mass_in_mask(pos_maps[step], pos_region) if pos_maps is not None else np.nan,
+                                 "positive_region_fraction": float(pos_region.mean()) if pos_region is not None else np.nan})
                 if maps_kind == "daam":  # the author's maps beside negstudy's (negstudy.attention)
                     daam = recorder.maps(j, "negative", pair.negative, kind="daam").float().numpy()
                     for row, heat in zip(rows, daam):
@@ -145,8 +145,8 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     for p, seed in jobs:
         pair, (_, plain_present, region) = pairs[p], plain[(p, seed)]
         images = np.stack([images_of[(p, seed)][k] for k in starts])
-        for k, image, verdict in zip(starts, images, oracle.inspect_batch(images)):
-            still, _ = concept_present(verdict, pair.negative)
+        for k, image, reading in zip(starts, images, read(images)):
+            still, _ = concept_present(reading, pair.negative)
             removal.append({
                 "pair": p, "prompt": pair.prompt, "negative": pair.negative, "category": pair.category, "seed": seed,
                 "present_without_negative": plain_present, "start_step": k, "concept_present": still,
@@ -158,7 +158,8 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
         ratios += ratio_rows[(p, seed)]
         attention += attention_rows[(p, seed)]
     screen = pd.DataFrame([{"pair": p, "prompt": pairs[p].prompt, "negative": pairs[p].negative,
-                            "category": pairs[p].category, "screened": len(screen_seeds), "present": screened[p][2]}
+                            "category": pairs[p].category, "screened": len(screen_seeds), "present": screened[p][2],
+                            "unsure": screened[p][3], "reader": reader_name}
                            for p in screened])
     tables = {"screen": screen, "removal": pd.DataFrame(removal), "ratio": pd.DataFrame(ratios),
               "attention": pd.DataFrame(attention)}
