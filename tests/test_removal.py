@@ -214,3 +214,60 @@ def test_paper_protocol_from_the_command_line(paper_sweep):
     assert (a.end == [ends[k] for k in a.regenerations]).all()
     w = t[t.method.isin(["window", "adaptive"])]
     assert w.prefers_over_from0.notna().all() and (w.shown_first == "from0").all()
+
+
+# ----------------------------------------------------------------------------- prefix reuse: branched = fresh
+
+
+@pytest.fixture(scope="module")
+def shipped10():
+    import torch
+    from omegaconf import OmegaConf
+
+    from negstudy.config import ModelConfig
+    from negstudy.models import load_pipeline
+    from negstudy.sampler import NegativeSampler
+
+    pipe = load_pipeline(OmegaConf.structured(ModelConfig(name="shapes", path="builtin:shapes")), torch.device("cpu"))
+    return NegativeSampler(pipe, steps=10, fixed_rows=8)  # PNDM: 11 UNet calls
+
+
+@pytest.mark.parametrize("protocol", ["negstudy", "paper"])
+def test_branched_windows_equal_fresh_generations(shipped10, tmp_path, protocol, caplog):
+    """Every image of the sweep (original, from-0, fixed window, the adaptive try kept) equals its plan
+    generated from x_T alone, bit for bit, although the windows continue the original's kept state and
+    each adaptive try the previous try's (10 steps: 11 UNet calls; ~10 s each)."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from negstudy.config import RemovalConfig
+    from negstudy.evaluators.oracle import OracleEvaluator
+    from negstudy.sampler import Batch
+    from negstudy.schedules import Never, Window
+    from negstudy.studies import removal
+
+    sampler, n = shipped10, shipped10.n_calls
+    cfg = OmegaConf.create({
+        "dataset": {"name": "t", "captions": ["a view of the grass", "a view of the sand"], "limit": None},
+        "seeds": [0, 1], "batch_size": 8, "save_images": True, "sweep": {"layers": "down_up"},
+        "removal": OmegaConf.structured(RemovalConfig(protocol=protocol, max_regenerations=2)),
+    })
+    with caplog.at_level(logging.INFO, logger="negstudy"):
+        tables = removal.run(cfg, sampler, tmp_path, evaluator=OracleEvaluator(), world="shapes")
+    t = tables["removal_targets"]
+    assert len(t) and (t[t.method == "adaptive"].regenerations > 0).any()  # some try continued a previous try
+    assert (t[t.method == "window"].start > 0).all()  # the fixed window continued the original's state
+    rows = [r for r in caplog.messages if "UNet rows" in r]
+    assert rows, caplog.messages
+    # fresh: each kept image's plan from x_T, all in one batch (fixed rows: bits do not depend on the batch)
+    objects = t[t.method == "from0"].reset_index(drop=True)
+    plans = {m: [Window(int(r.start), int(r.end)).plan(n) for r in t[t.method == m].itertuples()] for m in removal.METHODS}
+    fresh = sampler.generate(Batch(
+        list(objects.prompt) * 4, [""] * len(objects) + list(objects.object) * 3, list(objects.seed) * 4,
+        [Never().plan(n)] * len(objects) + plans["from0"] + plans["window"] + plans["adaptive"]))
+    fresh = removal.to_uint8(fresh).reshape(4, len(objects), *fresh.shape[1:])
+    for i, row in enumerate(objects.itertuples()):
+        strip = np.asarray(Image.open(tmp_path / "triples" / strip_name(row.caption, row.prompt, row.seed, row.object)))
+        for col in range(4):  # original | from0 | window | adaptive
+            assert np.array_equal(strip[:, 32 * col : 32 * (col + 1)], fresh[col, i]), (row.object, row.seed, col)

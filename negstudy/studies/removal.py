@@ -5,17 +5,25 @@ Per caption and seed:
 1. **original**: generate without a negative; the evaluator lists the objects in it among the label
    set (oracle on the shapes world; judge or detector on real images) and those the caption names,
    or ``removal.drop`` lists, are left alone;
-2. per remaining object (the negative prompt is the object's name), in ONE shared-prefix batch:
-   ``from0`` (the negative at every step) and ``window`` (the paper's fixed window, steps 5..15 of 31
-   calls, scaled to the loop). The from-0 image's negative-branch cross-attention gives this
-   sample's **critical step** k*: the first step at which the object word's map puts
+2. per remaining object (the negative prompt is the object's name): ``from0`` (the negative at every
+   step), with cross-attention recorded: the from-0 image's negative-branch cross-attention gives
+   this sample's **critical step** k*: the first step at which the object word's map puts
    ``removal.hit_lift`` times a uniform map's mass on the object's region (the original's mask);
    without a mask, or if it never does, k* = ``removal.fallback_start``;
-3. ``adaptive``: the negative in [k*, k* + length - 1], its end extended by ``extend`` per
-   regeneration until the evaluator says the object is gone, at most ``max_regenerations`` times.
-   All candidate windows share steps 0..k* + length - 1 in one batch (they differ only in where
-   they end), and they are judged in order, stopping at the first success, so a paid judge sees
-   exactly the calls of the sequential algorithm;
+3. ``window`` (the paper's fixed window, steps 5..15 of 31 calls, scaled to the loop) and
+   ``adaptive``: the negative in [k*, k* + length - 1], its end extended by ``extend`` per
+   regeneration until the evaluator says the object is gone, at most ``max_regenerations`` times;
+   the tries are made and judged in order, stopping at the first success, so a paid judge sees
+   exactly the calls of the sequential algorithm.
+   No prefix is computed twice: the original's trajectory state (x_t and the scheduler's per-sample
+   state, :class:`negstudy.sampler.KeepStates`) is kept at the windows' start steps, and the fixed
+   window and the first try CONTINUE it from there (their steps before the start are the
+   original's); try j continues the negative's trajectory [k*, ...] kept at step e_{j-1} + 1 while
+   making try j - 1. Images equal fresh runs bit for bit with fixed rows (tests/test_removal.py).
+   UNet rows per object: 2 n_calls (from-0), 2 (n_calls - window start), and for try j
+   2 (n_calls - its first new step); images of several objects share each UNet call (``batch_size``
+   images; :func:`pack` cuts them so that the fixed row blocks are full). The log's last
+   ``removal:`` line counts the job's UNet rows;
 4. each edited image vs the original: is the object still there (the evaluator), PSNR / SSIM
    outside the object (``negstudy.metrics``), whether another object took its place (evaluators
    that locate objects: an object absent from the original appears), and which of window / adaptive vs from-0 is closer to
@@ -81,13 +89,14 @@ from negstudy.evaluators import Evaluator, make_evaluator
 from negstudy.labels import label_set
 from negstudy.metrics import background_scores
 from negstudy.records import save_png, slug, to_uint8, write_table, write_text
-from negstudy.sampler import Batch, NegativeSampler
-from negstudy.schedules import Always, Never, Window
+from negstudy.sampler import Batch, Hook, KeepStates, NegativeSampler, Snapshot
+from negstudy.schedules import Always, Never, StepPlan, Window
 
 log = logging.getLogger("negstudy")
 METHODS = ("from0", "window", "adaptive")
 PROTOCOLS = ("negstudy", "paper")
 PAPER_DROP = ("people", "person")  # scripts/autotesting.py, filter_objects
+WAVE = 8  # originals are processed in waves of WAVE x batch_size: their kept states stay bounded
 
 
 @dataclass
@@ -105,6 +114,40 @@ class Target:
     critical_step: int = 0
     critical_source: str = "fallback"
     found: tuple[str, ...] = ()  # every object the evaluator found in the original
+    trunk: dict[int, Snapshot] = field(default_factory=dict)  # the adaptive negative's trajectory, kept for the next try
+
+
+@dataclass
+class Job:
+    """One image to make: a target's plan, continued where possible from a kept trajectory.
+
+    start: the first step at which ``plan`` may differ from the trajectories in ``states`` (step ->
+    :class:`Snapshot`, each made by a plan that agrees with ``plan`` before its step). keep: a step
+    at which to keep this image's own state (``snapshot``), for the next adaptive try.
+    """
+
+    target: Target
+    plan: StepPlan
+    start: int
+    states: dict[int, Snapshot] = field(default_factory=dict)
+    keep: int | None = None
+    end: int = 0
+    image: np.ndarray | None = None
+    snapshot: Snapshot | None = None
+
+
+class RowCounter(Hook):
+    """UNet rows computed (the CPU's cost): as called, and padded to the sampler's fixed row blocks."""
+
+    def __init__(self, block: int):
+        self.block, self.rows, self.padded, self.calls = block, 0, 0, 0
+
+    def on_start(self, sampler, batch) -> None:
+        self.calls += 1
+
+    def before_unet(self, step, rows) -> None:
+        self.rows += len(rows)
+        self.padded += -(-len(rows) // self.block) * self.block if self.block else len(rows)
 
 
 def scale(step: int, of: int, n: int) -> int:
@@ -177,77 +220,114 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, evaluator: Eva
         raise ValueError(f"removal.protocol={r.protocol!r}: allowed values are {', '.join(PROTOCOLS)}")
     present_of = getattr(evaluator, "present_paper", evaluator.present) if paper else evaluator.present
 
-    # 1. originals, and the objects to remove from each
-    items = [(c, int(seed)) for c in range(len(captions)) for seed in cfg.seeds]
-    originals, targets = [], []
-    for i in tqdm(range(0, len(items), chunk), desc="originals (no negative)", unit="batch"):
-        part = items[i : i + chunk]
-        plan = Never().plan(n)
-        images = to_uint8(sampler.generate(Batch([captions[c] for c, _ in part], [""] * len(part), [s for _, s in part],
-                                                 [plan] * len(part))))
-        for (c, seed), image, found in zip(part, images, evaluator.objects(images, labels)):
-            if found is None:
-                kept = []
-            elif paper:
-                kept = paper_targets(captions[c], found, r.drop)
-            else:
-                kept = [o for o in found if not named_in(captions[c], o) and o not in r.drop][: r.max_objects]
-            originals.append({"caption": c, "prompt": captions[c], "seed": seed, "judged": found is not None,
-                              "objects": ",".join(found or []), "targets": ",".join(kept)})
-            targets += [Target(c, captions[c], seed, o, found[o], image, found=tuple(found)) for o in kept]
-    log.info("removal: %d originals, %d objects to remove", len(originals), len(targets))
-
-    # 2. from-0 and the fixed window, with the from-0 image's attention -> this sample's critical step
-    plans = {"from0": Always().plan(n), "window": Window(*window).plan(n)}
-    per = max(1, chunk // 2)
-    for i in tqdm(range(0, len(targets), per), desc="from-0 and fixed window", unit="batch"):
-        part = targets[i : i + per]
-        recorder = AttentionRecorder(sampler.unet, layers=cfg.sweep.layers, words=sorted({t.object for t in part}))
-        rows = [(t, m) for t in part for m in ("from0", "window")]
-        batch = Batch([t.prompt for t, _ in rows], [t.object for t, _ in rows], [t.seed for t, _ in rows],
-                      [plans[m] for _, m in rows])
-        images = to_uint8(sampler.generate(batch, [] if paper else [recorder]))
-        for j, ((t, m), image) in enumerate(zip(rows, images)):
-            t.images[m] = image
-            t.rows[m] = {"start": 0 if m == "from0" else window[0], "end": n - 1 if m == "from0" else window[1], "regenerations": 0}
-            if m == "from0" and paper:  # the author's adaptive window starts at a fixed step
-                t.critical_step, t.critical_source = fallback, "fixed"
-            elif m == "from0":
-                k = critical_step(recorder.maps(j, "negative", t.object).float().numpy(), t.mask, r.hit_lift)
-                t.critical_step, t.critical_source = (k, "attention") if k is not None else (fallback, "fallback")
-        _judge_removed(evaluator, part, ("from0", "window"), present_of, paper)
-
-    # 3. the adaptive window: candidates [k*, k* + length - 1 + extend * j], judged in order
     def ends(t: Target) -> list[int]:
+        """Ends of the adaptive window's candidates, in the order they are tried."""
         if paper:  # one step more per try, up to step 29 of 31
             return paper_window_ends(r.fallback_start, r.window_of, n)
         return sorted({min(n - 1, t.critical_step + r.length - 1 + r.extend * j) for j in range(r.max_regenerations + 1)})
 
-    tries = len(paper_window_ends(r.fallback_start, r.window_of, n)) if paper else r.max_regenerations + 1
-    per = max(1, chunk // tries)
-    for i in tqdm(range(0, len(targets), per), desc="adaptive window", unit="batch"):
-        part = targets[i : i + per]
-        rows = [(t, e) for t in part for e in ends(t)]
-        batch = Batch([t.prompt for t, _ in rows], [t.object for t, _ in rows], [t.seed for t, _ in rows],
-                      [Window(t.critical_step, e).plan(n) for t, e in rows])
-        images = to_uint8(sampler.generate(batch))
-        candidates = {id(t): [] for t in part}
-        for (t, e), image in zip(rows, images):
-            candidates[id(t)].append((e, image))
-        pending = list(part)
-        for attempt in range(tries):
-            now = [t for t in pending if attempt < len(candidates[id(t)])]
-            if not now:
-                break
-            verdicts = present_of(np.stack([candidates[id(t)][attempt][1] for t in now]), [t.object for t in now])
+    # 1-3 in waves of originals, so the kept trajectory states stay bounded (a few MB per original)
+    items = [(c, int(seed)) for c in range(len(captions)) for seed in cfg.seeds]
+    rows_per_image = 3 if sampler.three_branches else 2
+    counter = RowCounter(sampler.fixed_rows)
+    originals, targets = [], []
+    for w in range(0, len(items), WAVE * chunk):
+        wave_items = items[w : w + WAVE * chunk]
+
+        # 1. originals, and the objects to remove from each; each original's state is kept at every
+        #    step a window may start from (window[0], and k* anywhere under negstudy's protocol)
+        keep_steps = {window[0], fallback} if paper else set(range(1, n))
+        new, states = [], {}
+        for i in tqdm(range(0, len(wave_items), chunk), desc="originals (no negative)", unit="batch"):
+            part = wave_items[i : i + chunk]
+            keep = KeepStates(keep_steps - {0})
+            plan = Never().plan(n)
+            images = to_uint8(sampler.generate(Batch([captions[c] for c, _ in part], [""] * len(part), [s for _, s in part],
+                                                     [plan] * len(part)), [keep, counter]))
+            for j, ((c, seed), image, found) in enumerate(zip(part, images, evaluator.objects(images, labels))):
+                if found is None:
+                    kept = []
+                elif paper:
+                    kept = paper_targets(captions[c], found, r.drop)
+                else:
+                    kept = [o for o in found if not named_in(captions[c], o) and o not in r.drop][: r.max_objects]
+                originals.append({"caption": c, "prompt": captions[c], "seed": seed, "judged": found is not None,
+                                  "objects": ",".join(found or []), "targets": ",".join(kept)})
+                new += [Target(c, captions[c], seed, o, found[o], image, found=tuple(found)) for o in kept]
+                if kept:  # the other originals' states are freed
+                    states[(c, seed)] = keep.states.get(j, {})
+        log.info("removal: %d originals, %d objects to remove", len(wave_items), len(new))
+
+        # 2. from-0, with its negative-branch attention -> this sample's critical step
+        def record(jobs):
+            return [] if paper else [AttentionRecorder(sampler.unet, layers=cfg.sweep.layers,
+                                                       words=sorted({job.target.object for job in jobs}))]
+
+        def critical(jobs, images, hooks):
+            for j, job in enumerate(jobs):
+                t = job.target
+                if paper:  # the author's adaptive window starts at a fixed step
+                    t.critical_step, t.critical_source = fallback, "fixed"
+                else:
+                    k = critical_step(hooks[0].maps(j, "negative", t.object).float().numpy(), t.mask, r.hit_lift)
+                    t.critical_step, t.critical_source = (k, "attention") if k is not None else (fallback, "fallback")
+
+        from0 = [Job(t, Always().plan(n), 0) for t in new]
+        _run_jobs(sampler, from0, 2 * chunk, rows_per_image, counter, "from-0", hooks=record, after=critical)
+        for t, job in zip(new, from0):
+            t.images["from0"] = job.image
+            t.rows["from0"] = {"start": 0, "end": n - 1, "regenerations": 0}
+        for s in range(0, len(new), chunk):
+            _judge_removed(evaluator, new[s : s + chunk], ("from0",), present_of, paper)
+        for key, kept in states.items():  # only the steps a window of this original starts from
+            starts = {window[0]} | {t.critical_step for t in new if (t.caption, t.seed) == key}
+            states[key] = {k: v for k, v in kept.items() if k in starts}
+
+        # 3. the fixed window and the adaptive window's candidates [k*, e_0], [k*, e_1], ..., judged in
+        #    order, stopping at the first success (a paid judge sees exactly the sequential algorithm's
+        #    calls). Every candidate continues a kept trajectory: the window and the first candidate the
+        #    original's at their start step (their prefix IS the original's), candidate j the negative's
+        #    trunk [k*, ...] at step e_{j-1} + 1 kept while making candidate j - 1; so no prefix is
+        #    recomputed, and candidates after the first success are never made
+        pending, attempt = list(new), 0
+        jobs = [Job(t, Window(*window).plan(n), window[0], states[(t.caption, t.seed)]) for t in new]
+        while pending:
+            adaptive = []
+            for t in pending:
+                e = ends(t)
+                trunk = t.trunk if attempt else states[(t.caption, t.seed)]
+                adaptive.append(Job(t, Window(t.critical_step, e[attempt]).plan(n),
+                                    e[attempt - 1] + 1 if attempt else t.critical_step, trunk,
+                                    keep=e[attempt] + 1 if attempt + 1 < len(e) else None, end=e[attempt]))
+            _run_jobs(sampler, jobs + adaptive, 2 * chunk, rows_per_image, counter,
+                      "fixed and adaptive windows" if attempt == 0 else f"adaptive window, try {attempt + 1}")
+            if attempt == 0:
+                for t, job in zip(new, jobs):
+                    t.images["window"] = job.image
+                    t.rows["window"] = {"start": window[0], "end": window[1], "regenerations": 0}
+                for s in range(0, len(new), chunk):
+                    _judge_removed(evaluator, new[s : s + chunk], ("window",), present_of, paper)
+                states = {}  # the originals' states are no longer needed
+            verdicts = []
+            for s in range(0, len(adaptive), chunk):
+                part = adaptive[s : s + chunk]
+                verdicts += present_of(np.stack([job.image for job in part]), [job.target.object for job in part])
             pending = []
-            for t, present in zip(now, verdicts):
-                end, image = candidates[id(t)][attempt]
-                t.images["adaptive"] = image
-                t.rows["adaptive"] = {"start": t.critical_step, "end": end, "regenerations": attempt,
+            for job, present in zip(adaptive, verdicts):
+                t = job.target
+                t.images["adaptive"] = job.image
+                t.rows["adaptive"] = {"start": t.critical_step, "end": job.end,
+                                      "regenerations": attempt,
                                       "removed": paper_removed(present) if paper else (None if present is None else not present)}
-                if present is not False and attempt + 1 < len(candidates[id(t)]):
+                t.trunk = {job.keep: job.snapshot} if job.keep is not None else {}
+                if present is not False and job.keep is not None:
                     pending.append(t)
+            jobs, attempt = [], attempt + 1
+        for t in new:
+            t.trunk = {}
+        targets += new
+    log.info("removal: %d originals, %d objects, %d UNet rows (%d in blocks of %d rows), %d UNet calls",
+             len(originals), len(targets), counter.rows, counter.padded, sampler.fixed_rows, counter.calls)
 
     # 4. background preservation and preference against from-0
     closer = getattr(evaluator, "closer", None)
@@ -308,6 +388,62 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, evaluator: Eva
     for name, frame in tables.items():
         write_table(frame, out_dir / f"{name}.parquet")
     return tables
+
+
+def pack(starts: list[int], available: list, n: int, rows_per_image: int, block: int, max_rows: int) -> list[range]:
+    """UNet calls for jobs sorted by start step: consecutive runs with the fewest UNet rows padded to
+    blocks of ``block`` rows (ties: fewer calls), at most ``max_rows`` rows a step each.
+
+    A call continues all its images from ONE step (the scheduler's state, e.g. PNDM's step counter,
+    is shared), its first job's start ``s``: every job in it needs a state at ``s`` (``available[j]``
+    holds the steps it has) unless ``s`` = 0 (from x_T), and a job that starts later recomputes the
+    steps between, which its plan shares with its state. Counted as one lane per image from ``s``
+    (images of one target may share a lane for a while: the sampler merges them, so calls cost at most this).
+    """
+    m_max = max(1, max_rows // rows_per_image)
+    pad = (lambda rows: -(-rows // block) * block) if block else (lambda rows: rows)
+    best: list[tuple[int, int] | None] = [(0, 0)] + [None] * len(starts)
+    cut = [0] * (len(starts) + 1)
+    for j in range(1, len(starts) + 1):
+        for i in range(j - 1, max(0, j - m_max) - 1, -1):
+            s = starts[i]
+            if s and any(s not in available[x] for x in range(i + 1, j) if starts[x] != s):
+                continue
+            cost = (best[i][0] + (n - s) * pad(rows_per_image * (j - i)), best[i][1] + 1)
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    calls, j = [], len(starts)
+    while j:
+        calls.append(range(cut[j], j))
+        j = cut[j]
+    return calls[::-1]
+
+
+def _run_jobs(sampler: NegativeSampler, jobs: list[Job], max_rows: int, rows_per_image: int, counter: RowCounter,
+              desc: str, hooks=None, after=None) -> None:
+    """Make every job's image (and the state it keeps), in the UNet calls :func:`pack` plans.
+
+    hooks(jobs) -> extra hooks of a call; after(jobs, images, hooks) reads them once the call is done.
+    Images equal fresh generations (bit for bit with fixed rows; tests/test_removal.py).
+    """
+    ordered = sorted(jobs, key=lambda job: job.start)
+    calls = pack([job.start for job in ordered], [job.states for job in ordered], sampler.n_calls, rows_per_image,
+                 sampler.fixed_rows, max_rows)
+    for call in tqdm(calls, desc=desc, unit="batch"):
+        part = [ordered[j] for j in call]
+        step = part[0].start
+        keep = KeepStates({job.keep for job in part if job.keep is not None})
+        extra = hooks(part) if hooks else []
+        t = [job.target for job in part]
+        batch = Batch([x.prompt for x in t], [x.object for x in t], [x.seed for x in t], [job.plan for job in part],
+                      resume=[job.states[step] for job in part] if step else None)
+        images = to_uint8(sampler.generate(batch, [*extra, keep, counter]))
+        for j, (job, image) in enumerate(zip(part, images)):
+            job.image = image
+            if job.keep is not None:
+                job.snapshot = keep.states[j][job.keep]
+        if after:
+            after(part, images, extra)
 
 
 def strip_name(caption: int, prompt: str, seed: int, obj: str) -> str:
