@@ -52,7 +52,8 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
                 save_png(np.concatenate(list(images), axis=1),
                          out_dir / "strips" / f"{p:02d}_{slug(pair.prompt)}_neg-{slug(pair.negative, 20)}_s{seed}.png",
                          {"prompt": pair.prompt, "negative": pair.negative, "seed": seed, "first_k": ks})
-    tables = {"reverse": pd.DataFrame(rows), "reverse_screen": pd.DataFrame(screen)}
+    columns = ["pair", "prompt", "negative", "seed", "k", "appears"]  # kept when no seed qualifies (all present or unsure)
+    tables = {"reverse": pd.DataFrame(rows, columns=columns), "reverse_screen": pd.DataFrame(screen)}
     for name, frame in tables.items():
         write_table(frame, out_dir / f"{name}.parquet")
     return tables
