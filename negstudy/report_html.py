@@ -529,31 +529,25 @@ def page(root: Path, out: Path, intro: str, sections: list[tuple[str, pd.DataFra
     if ratio_parts:
         body.append("<h2>Strength of the negative prompt and critical steps</h2>" + "".join(ratio_parts))
 
-    rem = table("Removal against start step")
-    if "removal" in figures or rem is not None:
-        parts = ["<h2>Removal against the start step</h2>"]
-        if "removal" in figures:
-            parts.append(figure_html("removal", figures["removal"],
-                                     "Share of pair-seeds whose concept is absent (shapes oracle) when the negative starts at step "
-                                     "k, over pair-seeds where it appears without the negative; 95 % intervals; "
-                                     f"{_n_text(rem) if rem is not None else ''}."))
-        if rem is not None:
-            used_tables.add("Removal against start step")
-            parts.append(table_html(rem))
+    def rate_section(heading: str, key: str, title: str, caption: str) -> None:
+        found = table(title)
+        if key not in figures and found is None:
+            return
+        parts = [f"<h2>{heading}</h2>"]
+        if key in figures:
+            parts.append(figure_html(key, figures[key], f"{caption}; 95 % intervals (pairs, then seeds); "
+                                                        f"{_n_text(found) if found is not None else ''}."))
+        if found is not None:
+            used_tables.add(title)
+            parts.append(table_html(found))
         body.append("".join(parts))
 
-    rev = table("Reverse activation")
-    if "reverse" in figures or rev is not None:
-        parts = ["<h2>Reverse activation</h2>"]
-        if "reverse" in figures:
-            parts.append(figure_html("reverse", figures["reverse"],
-                                     "Share of pair-seeds in which the negative's object appears when the negative acts in steps "
-                                     "0..k-1 only, over pair-seeds where it is absent without the negative (k=0); 95 % intervals; "
-                                     f"{_n_text(rev) if rev is not None else ''}."))
-        if rev is not None:
-            used_tables.add("Reverse activation")
-            parts.append(table_html(rev))
-        body.append("".join(parts))
+    rate_section("Removal against the start step", "removal", "Removal against start step",
+                 "Share of pair-seeds whose concept is absent (the study's reader; unsure images left out and counted) "
+                 "when the negative starts at step k, over pair-seeds where it appears without the negative")
+    rate_section("Reverse activation", "reverse", "Reverse activation",
+                 "Share of pair-seeds in which the negative's object appears when the negative acts in steps 0..k-1 only, "
+                 "over pair-seeds where it is absent without the negative (k=0)")
 
     mech = {k: v for k, v in study.items() if Path(k).name in MECHANISM_PLOTS}
     if mech:
