@@ -110,6 +110,28 @@ def word_token_slots(tokenizer, prompt: str, word: str) -> list[int]:
     return slots
 
 
+def pipeline_tokenizers(pipe) -> list:
+    """The tokenizers whose token slots the UNet attends to: SD's one, SDXL's two (``tokenizer``, ``tokenizer_2``).
+
+    SDXL concatenates both text encoders' hidden states slot by slot, so slot k is one token only if
+    both tokenizers put it there (:func:`word_slots` checks it).
+    """
+    return [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+
+
+def word_slots(tokenizers: Sequence, prompt: str, word: str) -> list[int]:
+    """:func:`word_token_slots` under every tokenizer of a pipeline; ValueError where they disagree.
+
+    SDXL's two CLIP tokenizers share one BPE vocabulary (they differ in the padding token only), so
+    a word's slots agree; a pipeline whose tokenizers split words differently has no per-word map.
+    """
+    slots = [word_token_slots(t, prompt, word) for t in tokenizers]
+    if any(s != slots[0] for s in slots[1:]):
+        raise ValueError(f"the tokenizers put {word!r} of {prompt!r} at different token slots {slots}: "
+                         "a word's attention map needs one slot per token in every text encoder")
+    return slots[0]
+
+
 def prompt_words(prompt: str) -> list[str]:
     """The words of a prompt in order, lowercased, without repeats or punctuation."""
     return list(dict.fromkeys(c for c in _chunks(prompt) if any(ch.isalnum() for ch in c)))
@@ -462,23 +484,23 @@ class AttentionRecorder(Hook):
         self.size = tuple(sampler.latent_shape[1:])
         self.n_steps = sampler.n_calls
         self.n_slots = sampler.encode("").shape[1]  # token slots the UNet attends to (77)
-        tok = sampler.pipe.tokenizer
+        tok = pipeline_tokenizers(sampler.pipe)
         for i in range(len(batch)):
             prompt, negative = batch.prompts[i], batch.negative_prompts[i]
             meta = batch.meta[i] if i < len(batch.meta) else {}
             pos_word = meta.get("positive_word", self.positive_word)
-            pos_slots = word_token_slots(tok, prompt, pos_word or " ".join(prompt_words(prompt)))
+            pos_slots = word_slots(tok, prompt, pos_word or " ".join(prompt_words(prompt)))
             if pos_word and not pos_slots:
                 raise ValueError(f"positive word {pos_word!r} is not in prompt {prompt!r} (image {i})")
             self._ratio_slots[(i, "positive")] = pos_slots
-            self._ratio_slots[(i, "negative")] = word_token_slots(tok, negative, " ".join(prompt_words(negative)))
+            self._ratio_slots[(i, "negative")] = word_slots(tok, negative, " ".join(prompt_words(negative)))
             self._ratio_slots[(i, "empty")] = []
             wanted = self.words
             if wanted is None:  # every word, and the negative prompt as one phrase if it has several
                 neg = prompt_words(negative)
                 wanted = prompt_words(prompt) + neg + ([" ".join(neg)] if len(neg) > 1 else [])
             for branch, text in (("negative", negative), ("empty", ""), ("positive", prompt)):
-                found = {w: word_token_slots(tok, text, w) for w in dict.fromkeys(wanted)} if self.keep_maps else {}
+                found = {w: word_slots(tok, text, w) for w in dict.fromkeys(wanted)} if self.keep_maps else {}
                 self._words[(i, branch)] = {w: s for w, s in found.items() if s}
         self._auto_installed = self._original is None
         self.install()

@@ -193,13 +193,61 @@ class NegativeSampler:
     def device(self) -> torch.device:
         return self.unet.device
 
-    def encode(self, text: str) -> torch.Tensor:
-        """Text embeddings (1, tokens, dim) of one prompt, cached: each text is encoded once."""
+    @property
+    def xl(self) -> bool:
+        """Whether the UNet is SDXL's: conditioned on pooled text embeddings and size/crop time ids too."""
+        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+
+    def encode(self, text: str | None) -> torch.Tensor:
+        """Text embeddings (1, tokens, dim) of one prompt, cached: each text is encoded once.
+
+        None: the empty branch, i.e. what the pipeline uses without a negative prompt: the
+        embeddings of "" (SD 1/2; SDXL without ``force_zeros_for_empty_prompt``) or zeros (SDXL's
+        default). SDXL: both text encoders' penultimate hidden states, concatenated (dim 2048 for
+        SDXL base), as ``StableDiffusionXLPipeline.encode_prompt``.
+        """
+        return self._encode(text)[0]
+
+    def encode_pooled(self, text: str | None) -> torch.Tensor:
+        """SDXL: the second text encoder's pooled, projected embedding (1, projection_dim) of one prompt (None: as :meth:`encode`)."""
+        if not self.xl:
+            raise ValueError("encode_pooled: only SDXL UNets take pooled text embeddings")
+        return self._encode(text)[1]
+
+    def _encode(self, text: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if text is None and not (self.xl and self.pipe.config.force_zeros_for_empty_prompt):
+            text = ""
         if text not in self._embeds:
             with torch.no_grad():
-                emb, _ = self.pipe.encode_prompt(text, self.device, 1, False)
-            self._embeds[text] = emb
+                if not self.xl:
+                    emb, pooled = self.pipe.encode_prompt(text, self.device, 1, False)[0], None
+                elif text is None:  # diffusers' zero_out_negative_prompt
+                    emb, pooled = (torch.zeros_like(x) for x in self._encode(""))
+                else:
+                    emb, _, pooled, _ = self.pipe.encode_prompt(text, device=self.device, num_images_per_prompt=1,
+                                                                do_classifier_free_guidance=False)
+            self._embeds[text] = (emb, pooled)
         return self._embeds[text]
+
+    def time_ids(self, rows: int) -> torch.Tensor:
+        """SDXL's added time ids (rows, 6): original size, crop (0, 0) and target size, all (height, width)."""
+        if getattr(self, "_time_ids", None) is None:
+            emb, pooled = self._encode("")
+            te2 = getattr(self.pipe, "text_encoder_2", None)
+            dim = te2.config.projection_dim if te2 is not None else int(pooled.shape[-1])
+            size = (self.height, self.width)
+            self._time_ids = self.pipe._get_add_time_ids(size, (0, 0), size, dtype=emb.dtype,
+                                                         text_encoder_projection_dim=dim).to(self.device)
+        return self._time_ids.repeat(rows, 1)
+
+    def added_cond(self, texts: Sequence[str | None]) -> dict[str, torch.Tensor] | None:
+        """The UNet's ``added_cond_kwargs`` for one row per text (None: the empty branch); None for SD 1/2.
+
+        text_embeds: (B, projection_dim) pooled embeddings; time_ids: (B, 6).
+        """
+        if not self.xl:
+            return None
+        return {"text_embeds": torch.cat([self.encode_pooled(t) for t in texts]), "time_ids": self.time_ids(len(texts))}
 
     def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
         """x_T for each seed, drawn from a CPU generator per image (as diffusers does with a list)."""
@@ -251,8 +299,14 @@ class NegativeSampler:
         embeds = {
             "positive": torch.cat([self.encode(p) for p in prompts]),
             "negative": torch.cat([self.encode(p) for p in negatives]),
-            "empty": self.encode("").expand(len(lanes), -1, -1),
+            "empty": self.encode(None).expand(len(lanes), -1, -1),
         }
+        # SDXL: the pooled embeddings of each branch, indexed like embeds (the time ids are the same for every row)
+        pooled = {
+            "positive": torch.cat([self.encode_pooled(p) for p in prompts]),
+            "negative": torch.cat([self.encode_pooled(p) for p in negatives]),
+            "empty": self.encode_pooled(None).expand(len(lanes), -1),
+        } if self.xl else {}
         # 3. timesteps
         self.scheduler.set_timesteps(self.steps, device=self.device)
         timesteps = self.scheduler.timesteps
@@ -273,6 +327,7 @@ class NegativeSampler:
                 index = torch.tensor(source, device=self.device)
                 latents = self._copy_rows(latents, index)
                 embeds = {k: v[index] for k, v in embeds.items()}
+                pooled = {k: v[index] for k, v in pooled.items()}
                 lane_of = self._lane_of(lanes, len(batch))
                 if isinstance(extra.get("generator"), list):  # stochastic schedulers: each lane keeps its own stream
                     extra["generator"] = [_clone(extra["generator"][k]) for k in source]
@@ -283,8 +338,10 @@ class NegativeSampler:
             index = torch.tensor([b for b, _ in rows], device=self.device)
             model_in = self.scheduler.scale_model_input(latents[index], t)
             cond = torch.cat([embeds[branch][b : b + 1] for b, branch in rows])
+            added = {"text_embeds": torch.cat([pooled[branch][b : b + 1] for b, branch in rows]),
+                     "time_ids": self.time_ids(len(rows))} if pooled else None
             with FixedRows(self.fixed_rows) if self.fixed_rows else contextlib.nullcontext(), self._autocast():
-                out = self.unet(model_in, t, encoder_hidden_states=cond, return_dict=False)[0].to(latents.dtype)
+                out = self.unet(model_in, t, encoder_hidden_states=cond, added_cond_kwargs=added, return_dict=False)[0].to(latents.dtype)
             eps = {branch: torch.full_like(latents, float("nan")) for branch in BRANCHES}
             for j, (b, branch) in enumerate(rows):
                 eps[branch][b] = out[j]
@@ -422,6 +479,13 @@ class NegativeSampler:
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents -> images (B, H, W, 3) in [0, 1]; pixel-space models skip the VAE."""
+        if self.vae is not None and self.xl and self.vae.dtype == torch.float16 and self.vae.config.force_upcast:
+            # SDXL's VAE overflows in float16; StableDiffusionXLPipeline decodes in float32 for the same reason
+            self.vae.to(torch.float32)
+            try:
+                return self.decode(latents.float())
+            finally:
+                self.vae.to(torch.float16)
         if self.vae is not None:
             latents = latents / self.vae.config.scaling_factor
             # with fixed rows, one image per call: the VAE's wide convolutions need no batch, and 1 pads nothing

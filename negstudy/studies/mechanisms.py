@@ -342,13 +342,14 @@ def to_latents(sampler: NegativeSampler, images: np.ndarray) -> torch.Tensor:
 
 
 def denoising_error(sampler: NegativeSampler, z: torch.Tensor, step: int, cond: torch.Tensor,
-                    noise: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+                    noise: torch.Tensor, timestep: int | None = None, added_cond: dict | None = None) -> torch.Tensor:
     """Mean over (C, h, w) of (eps_hat(z_t, t, cond) - eps)^2 for clean z (B, C, h, w), (B,) float64.
 
     t = the timestep of ``step`` (UNet-call index) after ``set_timesteps(sampler.steps)``;
     z_t = sqrt(abar_t) z + sqrt(1 - abar_t) noise; cond (B, tokens, dim) text embeddings.
     v-prediction models are converted to eps: eps_hat = sqrt(1 - abar) z_t + sqrt(abar) v.
     timestep: a raw training timestep instead (``step`` is then ignored; the paper's variant: 100).
+    added_cond: SDXL's ``added_cond_kwargs`` of the rows (:meth:`NegativeSampler.added_cond`).
     """
     sched = sampler.scheduler
     sched.set_timesteps(sampler.steps, device=sampler.device)
@@ -357,8 +358,9 @@ def denoising_error(sampler: NegativeSampler, z: torch.Tensor, step: int, cond: 
     a, s = abar.sqrt(), (1 - abar).sqrt()
     z_t = (a * z.double() + s * noise.double()).to(z.dtype)
     with torch.no_grad():
-        x = sched.scale_model_input(z_t, t) if timestep is None else z_t  # a raw timestep: the UNet's training input
-        out = sampler.unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
+        # z_t is the UNet's training input: no scale_model_input (the identity for PNDM and DDIM; Euler's
+        # would rescale its own sigma-space sample, which z_t is not)
+        out = sampler.unet(z_t, t, encoder_hidden_states=cond, added_cond_kwargs=added_cond, return_dict=False)[0]
     out = out.double()
     if sched.config.prediction_type == "v_prediction":
         out = s * z_t.double() + a * out
@@ -393,6 +395,7 @@ def energy_barrier(sampler: NegativeSampler, prompts: Sequence[str], z_bg: torch
     seeds = list(range(n_pairs)) if noise_seeds is None else [int(s) for s in noise_seeds]
     noise = torch.stack([energy_noise(z_bg.shape[1:], draws, s, z_bg.device) for s in seeds])  # (P, draws, C, h, w)
     cond = torch.cat([sampler.encode(p) for p in prompts])
+    added = sampler.added_cond(prompts)  # SDXL's pooled embeddings and time ids; None for SD 1/2
     rows = [(i, d, th) for i in range(n_pairs) for d in range(draws) for th in thetas]
     sched = sampler.scheduler
     sched.set_timesteps(sampler.steps)
@@ -406,7 +409,8 @@ def energy_barrier(sampler: NegativeSampler, prompts: Sequence[str], z_bg: torch
             d = torch.tensor([r[1] for r in chunk], device=z_bg.device)
             th = torch.tensor([r[2] for r in chunk], device=z_bg.device, dtype=z_bg.dtype).view(-1, 1, 1, 1)
             z = th * z_bg[i] + (1 - th) * z_obj[i]
-            err = denoising_error(sampler, z, max(step, 0), cond[i], noise[i, d], timestep=raw).cpu().numpy()
+            extra = {k: v[i] for k, v in added.items()} if added else None
+            err = denoising_error(sampler, z, max(step, 0), cond[i], noise[i, d], timestep=raw, added_cond=extra).cpu().numpy()
             out += [(r[0], step, timestep, r[1], float(r[2]), float(e)) for r, e in zip(chunk, err)]
     table = pd.DataFrame(out, columns=["item", "step", "timestep", "draw", "theta", "error"])
     ends = table[table.theta.isin([0.0, 1.0])].groupby(["item", "step", "draw"]).error
