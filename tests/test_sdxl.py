@@ -52,6 +52,15 @@ def test_parity_with_the_sdxl_pipeline(xl, scheduler):
     assert np.abs(reference(pipe, "") - reference(pipe, None)).max() > 1e-3
 
 
+def test_a_half_precision_vae_decodes_in_float32_as_the_pipeline():
+    """SDXL's VAE overflows in fp16 (force_upcast): both decode in fp32, and the VAE stays fp16 afterwards."""
+    pipe = tiny_sdxl_pipeline(0)
+    pipe.vae.to(torch.float16)
+    ours = NegativeSampler(pipe, steps=4, fixed_rows=0).generate(Batch([PROMPT], [NEG], [7], [Always().plan(4)]))
+    assert pipe.vae.dtype == torch.float16
+    assert np.abs(ours - reference(pipe, NEG, steps=4)).max() <= 1e-5
+
+
 def test_encoding_follows_the_pipeline(xl):
     pipe = xl["euler"]
     sampler = NegativeSampler(pipe, steps=4)
@@ -69,6 +78,27 @@ def test_encoding_follows_the_pipeline(xl):
         assert np.abs(ours - reference(pipe, None)).max() <= 1e-5
     finally:
         pipe.register_to_config(force_zeros_for_empty_prompt=True)
+
+
+def test_model_sdxl_loads_an_sdxl_pipeline(xl, xl_dir):
+    """model=sdxl composes (hub id by default) and a local SDXL directory loads as StableDiffusionXLPipeline."""
+    from diffusers import StableDiffusionXLPipeline
+    from hydra import compose, initialize_config_module
+
+    from negstudy.config import register_configs
+    from negstudy.models import load_pipeline
+
+    register_configs()
+    with initialize_config_module(config_module="negstudy.conf", version_base="1.3"):
+        default = compose(config_name="config", overrides=["model=sdxl"])
+        cfg = compose(config_name="config", overrides=["model=sdxl", f"model.path={xl_dir}"])
+    assert default.model.path == "stabilityai/stable-diffusion-xl-base-1.0" and cfg.model.name == "sdxl"
+    pipe = load_pipeline(cfg.model, torch.device("cpu"))
+    assert type(pipe) is StableDiffusionXLPipeline and type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    batch = Batch([PROMPT], [NEG], [2], [Always().plan(4)])
+    loaded = NegativeSampler(pipe, steps=4).generate(batch)
+    # the saved weights (the loaded text encoders may pick another attention kernel: float rounding apart)
+    assert np.abs(loaded - NegativeSampler(xl["euler"], steps=4).generate(batch)).max() < 1e-5
 
 
 def test_shared_prefix_engine_and_resume_on_sdxl(xl):
