@@ -140,6 +140,9 @@ def test_attention_recorder_on_sdxl(xl):
     for m in (cat, dog):  # a mean of attention probabilities: finite, in [0, 1], not all zero
         assert torch.isfinite(m).all() and (m >= 0).all() and (m <= 1).all() and (m.mean((1, 2)) > 0).all()
     assert not torch.allclose(cat, dog)
+    # the words' slots are disjoint and a position's probabilities over the 77 slots sum to 1: so do at most their maps
+    total = sum(rec.maps(0, "positive", w).float() for w in ["a", "cat", "on", "the", "grass"])
+    assert (total > 0).all() and (total <= 1 + 1e-3).all()
     energy = rec.energy(0, "negative")
     assert energy.shape == (n, 77) and torch.isfinite(energy).all()
     ratio = rec.strength()
