@@ -214,3 +214,10 @@ def test_every_study_runs_with_model_sdxl(xl_dir, tmp_path, monkeypatch, capsys)
         assert "  name: sdxl\n" in (out / "config.yaml").read_text(), name
         assert len(pd.read_parquet(out / WRITES[name])), name
     assert len(pd.read_parquet(tmp_path / "reverse_activation" / "reverse.parquet")) == 3  # k = 0, 2, 4 on one pair-seed
+    # and the plain generation job under a windowed schedule
+    out = tmp_path / "generate"
+    monkeypatch.setattr(sys, "argv", ["negstudy", *common, "steps=4", "seeds=[0]", "dataset.limit=1", "schedule=window",
+                                      "schedule.start=1", "schedule.end=2", f"hydra.run.dir={out}"])
+    app()
+    images, steps = pd.read_parquet(out / "images.parquet"), pd.read_parquet(out / "steps.parquet")
+    assert images.model.tolist() == ["sdxl"] and steps.branch.tolist() == ["empty", "negative", "negative", "empty"]
