@@ -17,11 +17,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from negstudy.config import resolve_model_path, schedule_from_config
-from negstudy.evaluators import make_evaluator
-from negstudy.models import load_pipeline, pick_device
+from negstudy.checks import build
+from negstudy.models import load_pipeline, pick_device, resolve_model_path
 from negstudy.datasets import pairs_of
 from negstudy.records import atomic_path, save_png, slug, to_uint8, write_table, write_text
+from negstudy import guidance
 from negstudy.sampler import Batch, Hook, NegativeSampler, StepState, halve_on_oom
 from negstudy.schedules import Schedule
 
@@ -54,7 +54,8 @@ class StepTable(Hook):
     """Per-step rows: which branch stood opposite the prompt, and cheap statistics of the predictions.
 
     Columns: image_id, step (UNet-call index), timestep, branch (negative/empty/inject),
-    inject_gain, and the L2 norms of eps_pos and of the guidance direction eps_pos - eps_u.
+    inject_gain, and the L2 norms of eps_pos and of the guidance direction the guider applied
+    (``StepState.direction``: eps_pos - eps_u for CFG, with eps_u the prediction it actually used).
     """
 
     def __init__(self):
@@ -68,9 +69,8 @@ class StepTable(Hook):
 
     def on_step(self, state: StepState) -> None:
         pos = state.eps["positive"]
-        uncond = torch.where(torch.isnan(state.eps["negative"]), state.eps["empty"], state.eps["negative"])
         pos_norm = pos.flatten(1).norm(dim=1).tolist()
-        dir_norm = (pos - uncond).flatten(1).norm(dim=1).tolist()
+        dir_norm = state.direction.flatten(1).norm(dim=1).tolist()
         for b, image_id in enumerate(self.ids):
             self.rows.append(
                 {
@@ -131,14 +131,15 @@ def build_sampler(cfg: DictConfig) -> NegativeSampler:
     pipe = load_pipeline(cfg.model, device)
     return NegativeSampler(pipe, steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height,
                            width=cfg.width, three_branches=cfg.three_branches, progress=True,
-                           fixed_rows=cfg.get("fixed_rows", "auto"), autocast=cfg.get("autocast"))
+                           fixed_rows=cfg.get("fixed_rows", "auto"), autocast=cfg.get("autocast"),
+                           guider=guidance.from_config(cfg.get("guidance")))
 
 
 def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     """Run the generation job of ``cfg`` into ``out_dir``; return the per-image table."""
     out_dir = Path(out_dir)
-    schedule = schedule_from_config(cfg.schedule)
-    evaluator = make_evaluator(cfg.evaluator, model_world(cfg.model))
+    schedule = build(cfg.schedule, "schedule")
+    evaluator = build(cfg.evaluator, "evaluator", world=model_world(cfg.model))
     items = items_from_config(cfg, schedule)
     write_text(OmegaConf.to_yaml(cfg, resolve=True), out_dir / "config.yaml")
     sampler = build_sampler(cfg)

@@ -8,12 +8,12 @@ loaded with ``DiffusionPipeline.from_pretrained``. The shipped shapes model is p
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
 import torch
 
-from negstudy.config import resolve_model_path
 from negstudy.errors import ConfigError, ModelNotFoundError
 
 SCHEDULER_CLASSES = {
@@ -21,8 +21,41 @@ SCHEDULER_CLASSES = {
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
     "dpmpp": "DPMSolverMultistepScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",  # stochastic: per-step noise continues each image's seed stream
+    "dpmpp_sde": "DPMSolverMultistepScheduler",  # stochastic: SDE-DPM-Solver++ (algorithm_type below)
 }
+SCHEDULER_OPTIONS = {"dpmpp_sde": {"algorithm_type": "sde-dpmsolver++"}}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_model_dir(name: str) -> Path:
+    """Directory of a model shipped inside the package (``builtin:shapes``)."""
+    return Path(__file__).parent / "models" / name
+
+
+def resolve_model_path(path: str, *, key: str = "model.path", marker: str = "model_index.json",
+                       kind: str = "", hint: str = "a local directory written by save_pretrained or a hub id such as "
+                                                  "stabilityai/stable-diffusion-2-base") -> tuple[str, bool]:
+    """(path or hub id to hand to ``from_pretrained``, whether it is local). ``marker`` is the file
+    that makes a directory a model (model_index.json for diffusers, config.json for transformers);
+    ``kind`` names the model in messages ("CLIP "); ConfigError names ``key``."""
+    if path.startswith(BUILTIN_PREFIX):
+        name = path[len(BUILTIN_PREFIX) :]
+        local = builtin_model_dir(name)
+        if not (local / marker).exists():
+            shipped = sorted(p.parent.name for p in local.parent.glob(f"*/{marker}")) if local.parent.exists() else []
+            raise ConfigError(f"{key}={path!r}: no shipped {kind}model of that name (shipped: {', '.join(shipped) or 'none'})")
+        return str(local), True
+    expanded = Path(path).expanduser()
+    if path.startswith(("/", "./", "../", "~")) or expanded.exists():
+        if not (expanded / marker).exists():
+            raise ConfigError(f"{key}={path!r}: not a {kind or 'diffusers '}model directory (no {marker} there); give {hint}")
+        return str(expanded), True
+    if not HUB_ID.match(path):
+        raise ConfigError(f"{key}={path!r}: neither an existing local directory nor a hub id of the form org/name")
+    return path, False
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -71,7 +104,7 @@ def load_scheduler(model_cfg):
     class_name = config["_class_name"] if model_cfg.scheduler == "default" else SCHEDULER_CLASSES[model_cfg.scheduler]
     # DDIM's own default clip_sample=True clips x0 to [-1, 1], which corrupts latent-space samples;
     # keep the checkpoint's choice where it states one.
-    config = {"clip_sample": False, **config}
+    config = {"clip_sample": False, **config, **SCHEDULER_OPTIONS.get(model_cfg.scheduler, {})}
     return getattr(diffusers, class_name).from_config(config)
 
 

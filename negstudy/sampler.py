@@ -35,6 +35,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
+from negstudy.guidance import CFG, Guidance, GuideInput, Guider
 from negstudy.schedules import StepPlan
 
 BRANCHES = ("negative", "empty", "positive")
@@ -54,6 +55,8 @@ class StepState:
     latents: x_t, (B, C, h, w). eps: branch -> (B, C, h, w), NaN in the rows of images for
     which that branch was not computed at this step. guided: the combined prediction the
     scheduler receives. branch: per image, "negative", "empty" or "inject" (see StepPlan.branch).
+    uncond / direction: per image, what the guider built ``guided`` from (``guided = uncond + s * direction``,
+    :class:`negstudy.guidance.Guidance`): the prediction opposite the prompt and the effective direction.
     snapshot(image): the image's :class:`Snapshot` at this step (x_t and the scheduler's state before
     this step's update), from which ``Batch.resume`` continues it.
     """
@@ -65,6 +68,8 @@ class StepState:
     guided: torch.Tensor
     branch: list[str]
     snapshot: Callable[[int], "Snapshot"] | None = None
+    uncond: torch.Tensor | None = None
+    direction: torch.Tensor | None = None
 
 
 @dataclass
@@ -89,6 +94,7 @@ class Snapshot:
     shared: dict
     generator: torch.Tensor | None
     settings: tuple
+    guider_state: dict = field(default_factory=dict)
 
 
 class Hook:
@@ -162,11 +168,14 @@ class NegativeSampler:
     second; its noise predictions differ from float32's by up to ~3e-2, so images differ slightly
     from the default's (and from diffusers'); with fixed rows they are still byte-identical
     whatever the batch, lanes or branching.
+
+    guider: HOW the negative acts (:mod:`negstudy.guidance`; default :class:`~negstudy.guidance.CFG`,
+    the paper's); the plans say WHEN. It declares the branches each lane needs and combines them.
     """
 
     def __init__(self, pipe, *, steps: int = 30, guidance_scale: float = 7.5, height: int | None = None,
                  width: int | None = None, three_branches: bool = False, progress: bool = False,
-                 fixed_rows: int | str = "auto", autocast: str | None = None):
+                 fixed_rows: int | str = "auto", autocast: str | None = None, guider: Guider | None = None):
         self.pipe = pipe
         self.unet, self.scheduler, self.vae = pipe.unet, pipe.scheduler, getattr(pipe, "vae", None)
         self.steps = steps
@@ -188,6 +197,8 @@ class NegativeSampler:
         if autocast not in AUTOCAST:
             raise ValueError(f"autocast={autocast!r}: expected one of {list(AUTOCAST)}")
         self.autocast = autocast
+        self.guider = guider if guider is not None else CFG()
+        self.guider.bind(self)
 
     @property
     def device(self) -> torch.device:
@@ -249,9 +260,11 @@ class NegativeSampler:
             return None
         return {"text_embeds": torch.cat([self.encode_pooled(t) for t in texts]), "time_ids": self.time_ids(len(texts))}
 
-    def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
-        """x_T for each seed, drawn from a CPU generator per image (as diffusers does with a list)."""
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    def initial_latents(self, seeds: Sequence[int], generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """x_T for each seed, drawn from a CPU generator per image (as diffusers does with a list); given
+        ``generators`` (one per seed, seeded with it), draws from them, so they go on with the stream."""
+        if generators is None:
+            generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         latents = randn_tensor((len(seeds), *self.latent_shape), generator=generators, device=self.device,
                                dtype=self.unet.dtype)
         return latents * self.scheduler.init_noise_sigma
@@ -310,10 +323,13 @@ class NegativeSampler:
         # 3. timesteps
         self.scheduler.set_timesteps(self.steps, device=self.device)
         timesteps = self.scheduler.timesteps
-        # 4. initial latents and scheduler extras (eta=0 for DDIM, per-image generators for stochastic ones)
-        extra = self.pipe.prepare_extra_step_kwargs([torch.Generator("cpu").manual_seed(int(x)) for x in seeds], 0.0)
+        # 4. initial latents and scheduler extras (eta=0 for DDIM, per-image generators for stochastic ones):
+        # as in diffusers, each image's generator draws x_T and then goes on to draw the per-step noise
+        generators = [torch.Generator("cpu").manual_seed(int(x)) for x in seeds]
+        extra = self.pipe.prepare_extra_step_kwargs(generators, 0.0)
         if resume is None:
-            latents = self.initial_latents(seeds)
+            latents = self.initial_latents(seeds, generators)
+            self.guider.start(len(lanes), self.device)
         else:
             latents = self._restore([resume[lane[0]] for lane in lanes], extra)
         s = self.guidance_scale
@@ -329,6 +345,7 @@ class NegativeSampler:
                 embeds = {k: v[index] for k, v in embeds.items()}
                 pooled = {k: v[index] for k, v in pooled.items()}
                 lane_of = self._lane_of(lanes, len(batch))
+                self.guider.select(index)
                 if isinstance(extra.get("generator"), list):  # stochastic schedulers: each lane keeps its own stream
                     extra["generator"] = [_clone(extra["generator"][k]) for k in source]
             plans = [batch.plans[lane[0]] for lane in lanes]
@@ -336,23 +353,30 @@ class NegativeSampler:
             for hook in hooks:
                 hook.before_unet(i, [(lanes[b][0], branch) for b, branch in rows])
             index = torch.tensor([b for b, _ in rows], device=self.device)
+            use_neg = torch.tensor([bool(p.negative[i]) for p in plans], device=self.device)
+            self.guider.before_unet(i, rows, use_neg, embeds)
             model_in = self.scheduler.scale_model_input(latents[index], t)
             cond = torch.cat([embeds[branch][b : b + 1] for b, branch in rows])
             added = {"text_embeds": torch.cat([pooled[branch][b : b + 1] for b, branch in rows]),
                      "time_ids": self.time_ids(len(rows))} if pooled else None
-            with FixedRows(self.fixed_rows) if self.fixed_rows else contextlib.nullcontext(), self._autocast():
+            with FixedRows(self.fixed_rows) if self.fixed_rows else contextlib.nullcontext(), self._autocast(), self._guider_call():
                 out = self.unet(model_in, t, encoder_hidden_states=cond, added_cond_kwargs=added, return_dict=False)[0].to(latents.dtype)
             eps = {branch: torch.full_like(latents, float("nan")) for branch in BRANCHES}
             for j, (b, branch) in enumerate(rows):
                 eps[branch][b] = out[j]
-            guided = self._guide(eps, plans, i, s)
+            x = GuideInput(i, len(timesteps), int(t), int(timesteps[i + 1]) if i + 1 < len(timesteps) else None, s,
+                           latents, eps, use_neg)
+            applied = self.guider(x, torch.tensor([float(p.inject[i]) for p in plans], device=self.device))
+            guided = applied.pred
             if hooks:
                 snap = lambda b, i=i, latents=latents, lane_of=lane_of: self._snapshot(batch, b, i, latents, int(lane_of[b]), extra)
                 state = StepState(i, int(t), latents[lane_of], {k: v[lane_of] for k, v in eps.items()},
-                                  guided[lane_of], [p.branch(i) for p in batch.plans], snap)
+                                  guided[lane_of], [p.branch(i) for p in batch.plans], snap,
+                                  applied.uncond[lane_of], applied.direction[lane_of])
                 for hook in hooks:
                     hook.on_step(state)
             latents = self.scheduler.step(guided, t, latents, **extra, return_dict=False)[0]
+            self.guider.after_step(x, applied, latents, self.scheduler)
         # 6. decode each lane once
         decoded = self.decode(latents)
         out = np.empty((len(batch), *decoded.shape[1:]), dtype=decoded.dtype)
@@ -369,7 +393,7 @@ class NegativeSampler:
 
     def _settings(self) -> tuple:
         return (id(self.unet), type(self.scheduler).__name__, self.steps, self.guidance_scale, self.height, self.width,
-                self.autocast)
+                self.autocast, self.guider.describe())
 
     def _per_sample(self, value, n: int) -> bool:
         """Whether a scheduler attribute holds one row per lane (a latents-shaped tensor or a list of them)."""
@@ -389,7 +413,8 @@ class NegativeSampler:
         return Snapshot(step, batch.prompts[b], batch.negative_prompts[b], int(batch.seeds[b]),
                         (tuple(bool(x) for x in plan.negative[:step]), tuple(float(x) for x in plan.inject[:step])),
                         latents[lane : lane + 1].clone(), rows, shared,
-                        gens[lane].get_state() if isinstance(gens, list) else None, self._settings())
+                        gens[lane].get_state() if isinstance(gens, list) else None, self._settings(),
+                        self.guider.state_of(lane))
 
     def _check_resume(self, batch: Batch) -> int:
         """The step every snapshot of ``batch.resume`` continues from; ValueError where one does not fit its image."""
@@ -422,6 +447,7 @@ class NegativeSampler:
         if isinstance(extra.get("generator"), list):
             for gen, snap in zip(extra["generator"], snaps):
                 gen.set_state(snap.generator)
+        self.guider.restore([snap.guider_state for snap in snaps])
         return torch.cat([snap.latents for snap in snaps]).to(self.device)
 
     def _lane_of(self, lanes: list[list[int]], n: int) -> torch.Tensor:
@@ -460,22 +486,23 @@ class NegativeSampler:
             setattr(self.scheduler, name, pick(value))
         return latents[index]
 
+    def _needs(self, plan: StepPlan, step: int) -> set[str]:
+        """Branches beside the positive one image needs at ``step``: the guider's, plus both sides on inject steps."""
+        if plan.inject[step] != 0.0:
+            return {"negative", "empty"} | self.guider.needs(bool(plan.negative[step]))
+        return self.guider.needs(bool(plan.negative[step]))
+
+    @contextlib.contextmanager
+    def _guider_call(self):
+        try:
+            yield
+        finally:
+            self.guider.after_unet()
+
     def _rows(self, plans: Sequence[StepPlan], step: int) -> list[tuple[int, str]]:
         """(image, branch) rows of this step's UNet batch, ordered negative, empty, positive."""
-        wanted = [set(BRANCHES) if self.three_branches else plan.needs(step) | {"positive"} for plan in plans]
+        wanted = [set(BRANCHES) if self.three_branches else self._needs(plan, step) | {"positive"} for plan in plans]
         return [(b, branch) for branch in BRANCHES for b in range(len(plans)) if branch in wanted[b]]
-
-    def _guide(self, eps: dict[str, torch.Tensor], plans: Sequence[StepPlan], step: int, s: float) -> torch.Tensor:
-        """PAPER.md section 2: eps_u + s (eps_pos - eps_u), plus -g (eps_neg - eps_empty) on inject steps."""
-        use_neg = torch.tensor([bool(p.negative[step]) for p in plans], device=self.device).view(-1, 1, 1, 1)
-        uncond = torch.where(use_neg, eps["negative"], eps["empty"])
-        guided = uncond + s * (eps["positive"] - uncond)
-        gains = [float(p.inject[step]) for p in plans]
-        if any(gains):
-            g = torch.tensor(gains, device=self.device, dtype=guided.dtype).view(-1, 1, 1, 1)
-            push = torch.where(g != 0, eps["negative"] - eps["empty"], torch.zeros_like(guided))
-            guided = guided - g * push
-        return guided
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents -> images (B, H, W, 3) in [0, 1]; pixel-space models skip the VAE."""
