@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from negstudy.config import register_configs, validate
+from negstudy.config import register_configs
 from negstudy.errors import ConfigError
 
 log = logging.getLogger("negstudy")
@@ -20,13 +20,14 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="pkg://negstudy.conf", config_name="config")
 def app(cfg: DictConfig) -> None:
     from negstudy import jobs
+    from negstudy.checks import validate
 
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode.name == "MULTIRUN"
     try:
         validate(cfg)  # before any model is loaded
-        body = (lambda: study_job(cfg, out_dir)) if cfg.sweep.name in STUDIES else (lambda: generation_job(cfg, out_dir))
+        body = (lambda: study_job(cfg, out_dir)) if cfg.sweep.get("study") is not None else (lambda: generation_job(cfg, out_dir))
         outcome = jobs.run(cfg, out_dir, body, multirun=multirun)
     except ConfigError as err:
         print(f"negstudy: error: {err}", file=sys.stderr)
@@ -62,44 +63,29 @@ def generation_job(cfg: DictConfig, out_dir: Path) -> None:
             print("negstudy: negative concept still present: " + ", ".join(f"{k} {v:.0%}" for k, v in rate.items()))
 
 
-STUDIES = ("critical_step", "reverse_activation", "mechanisms", "attention_maps", "removal")
-
-
 def study_job(cfg: DictConfig, out_dir: Path) -> None:
-    """A study of negstudy.studies on the shapes world, then its report."""
-    import importlib
-
+    """The study ``sweep.study`` names (negstudy.studies: run, prepare, REPORT), then its report."""
     import pandas as pd
 
     from negstudy import generate, report
+    from negstudy.checks import build
     from negstudy.records import write_text
+    from negstudy.studies import module_of, prepared
     from negstudy.tracking import Tracker
 
-    world = generate.model_world(cfg.model)
-    extra = {}
-    if cfg.sweep.name == "removal":  # any model; the evaluator is built (and checked) before the model loads
-        from negstudy.evaluators import make_evaluator
-
-        extra = {"evaluator": make_evaluator(cfg.evaluator, world), "world": world}
-    elif world != "shapes":
-        raise ConfigError(f"sweep.name={cfg.sweep.name!r} reads images with the shapes oracle; model.path={cfg.model.path!r} "
-                          "is not a shapes-world model (use model=shapes)")
+    run, module = build(cfg.sweep.study, "sweep.study"), module_of(cfg.sweep.study)
+    extra = prepared(module, cfg, generate.model_world(cfg.model))  # before the model loads
     write_text(OmegaConf.to_yaml(cfg, resolve=True), out_dir / "config.yaml")
     with Tracker(cfg, out_dir, "generate") as tracker:
         sampler = generate.build_sampler(cfg)
-        tables = importlib.import_module(f"negstudy.studies.{cfg.sweep.name}").run(cfg, sampler, out_dir, **extra)
+        tables = run(cfg, sampler, out_dir, **extra)
         page = report.build(out_dir, cfg.sweep.variant)
         print(f"negstudy: report -> {page}")
         for line in report.summary_lines(out_dir):
             print(f"negstudy: {line}")
-        ratio = tables.get("ratio")
-        if ratio is not None and not ratio.empty:
-            curves = (ratio[ratio.variant == cfg.sweep.variant].groupby(["step", "category"]).ratio.mean()
-                      .unstack("category").add_prefix("ratio/").reset_index())
-            tracker.curves(curves, "step", [c for c in curves if c != "step"])
-        heat = tables.get("heatmaps")
-        if heat is not None and not heat.empty:
-            tracker.image_table("attention_heatmaps", heat, ["heat"])
+        study_report = getattr(module, "REPORT", None)
+        if study_report is not None and study_report.track is not None:
+            study_report.track(tracker, tables, out_dir, cfg)
         strips = sorted(out_dir.glob("strips/*.png")) + sorted(out_dir.glob("triples/*.png"))
         if strips:
             tracker.image_table("image_strips", pd.DataFrame({"file": [p.name for p in strips], "image": strips}), ["image"])
@@ -107,11 +93,6 @@ def study_job(cfg: DictConfig, out_dir: Path) -> None:
             tracker.table(csv.stem, pd.read_csv(csv))
         tracker.images("figures", sorted((out_dir / "report").glob("*.png")) + sorted(out_dir.glob("*.png"))
                        + sorted(out_dir.glob("grids/*.png")))
-        crit = out_dir / "report" / "critical_steps.parquet"
-        if crit.exists():
-            c = pd.read_parquet(crit)
-            tracker.summary(**{f"critical_step/{r.category}": (None if pd.isna(r.critical_step) else int(r.critical_step))
-                               for r in c[c.level == "category"].itertuples()})
 
 
 def main() -> None:

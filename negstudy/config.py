@@ -1,32 +1,18 @@
-"""Typed config schemas (registered in Hydra's ConfigStore) and the semantic checks.
+"""Typed config schemas, registered in Hydra's ConfigStore: the schema only.
 
 Hydra type-checks every group against these dataclasses when it composes the config;
-:func:`validate` then checks meaning (ranges, names, paths) before any model is loaded, and
-raises :class:`ConfigError` whose one-line message names the key, the bad value and what is
-allowed. The app prints that line and exits with status 2.
+:func:`negstudy.checks.validate` then checks meaning before any model is loaded, and
+:func:`negstudy.checks.build` makes each group's object from its ``_target_``. A group's ``name``
+is a display label (tables, reports, W&B), never a constructor argument.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Union
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
-
-from negstudy.datasets import pairs_of
-from negstudy.errors import ConfigError
-from negstudy.schedules import SCHEDULES, make_schedule
-
-SCHEDULERS = ("default", "pndm", "ddim", "euler", "dpmpp")
-DTYPES = ("auto", "fp32", "fp16", "bf16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-RECORDABLE = ("eps", "latents")
-SWEEPS = ("single", "critical_step", "reverse_activation", "mechanisms", "attention_maps", "removal")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-BUILTIN_PREFIX = "builtin:"
+from omegaconf import MISSING
 
 
 @dataclass
@@ -62,6 +48,7 @@ class DatasetConfig:
 
 @dataclass
 class ScheduleConfig:
+    _target_: str = MISSING  # a negstudy.schedules.Schedule subclass (or any class with .plan(n_calls))
     name: str = MISSING
 
 
@@ -89,6 +76,7 @@ class InjectConfig(ScheduleConfig):
 
 @dataclass
 class EvaluatorConfig:
+    _target_: str = "negstudy.evaluators.NoEvaluator"  # a factory taking the node's keys and world=
     name: str = "none"
 
 
@@ -96,6 +84,7 @@ class EvaluatorConfig:
 class JudgeConfig(EvaluatorConfig):
     """A vision-language judge behind any OpenAI-compatible endpoint (negstudy.evaluators.judge)."""
 
+    _target_: str = "negstudy.evaluators.judge.JudgeEvaluator.build"
     name: str = "judge"
     base_url: Optional[str] = None  # null = OpenAI's API; e.g. http://localhost:8000/v1 for vLLM / ollama
     model: str = "gpt-4o"  # the paper used gpt-4-vision-preview (retired)
@@ -117,6 +106,7 @@ class JudgeConfig(EvaluatorConfig):
 class ClipConfig(EvaluatorConfig):
     """CLIP score with transformers' CLIPModel (negstudy.evaluators.clip)."""
 
+    _target_: str = "negstudy.evaluators.clip.ClipEvaluator.build"
     name: str = "clip"
     path: str = "auto"  # auto = builtin:shapes_clip on the shapes model, openai/clip-vit-large-patch14 otherwise
     batch_size: int = 64
@@ -127,6 +117,7 @@ class ClipConfig(EvaluatorConfig):
 class OwlConfig(EvaluatorConfig):
     """Open-vocabulary detection with OWLv2 (negstudy.evaluators.owl)."""
 
+    _target_: str = "negstudy.evaluators.owl.OwlEvaluator.build"
     name: str = "owl"
     path: str = "google/owlv2-base-patch16-ensemble"
     labels: str = "coco"
@@ -147,7 +138,8 @@ class LoggerConfig:
 
 @dataclass
 class SweepConfig:
-    name: str = "single"  # single: one generation job; critical_step: the study of negstudy.studies.critical_step
+    name: str = "single"  # display label (W&B group, report); single: one generation job
+    study: Any = None  # null: one generation job; else {_target_: negstudy.studies.<name>.run, _partial_: true} (negstudy.studies)
     stride: int = 3  # start steps k = 0, stride, 2 stride, ... of the delayed negative
     screen_seeds: int = 16  # seeds screened per pair for the concept to appear without the negative
     max_seeds: int = 4  # seeds per pair entering the start-step sweep
@@ -188,6 +180,7 @@ class NegstudyConfig:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
     schedule: Any = MISSING
+    guidance: Any = None  # a guider (negstudy.guidance), built by hydra.utils.instantiate from its _target_; null = cfg
     evaluator: Any = MISSING  # one of the evaluator schemas: EvaluatorConfig, JudgeConfig, ClipConfig, OwlConfig
     logger: LoggerConfig = MISSING
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -230,131 +223,3 @@ def register_configs() -> None:
         ("inject", InjectConfig),
     ]:
         cs.store(group="schedule", name=f"{name}_schema", node=node)
-
-
-def _allowed(key: str, value: Any, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r}: allowed values are {', '.join(map(str, allowed))}")
-
-
-def builtin_model_dir(name: str) -> Path:
-    """Directory of a model shipped inside the package (``builtin:shapes``)."""
-    return Path(__file__).parent / "models" / name
-
-
-def resolve_model_path(path: str, *, key: str = "model.path", marker: str = "model_index.json",
-                       kind: str = "", hint: str = "a local directory written by save_pretrained or a hub id such as "
-                                                  "stabilityai/stable-diffusion-2-base") -> tuple[str, bool]:
-    """(path or hub id to hand to ``from_pretrained``, whether it is local). ``marker`` is the file
-    that makes a directory a model (model_index.json for diffusers, config.json for transformers);
-    ``kind`` names the model in messages ("CLIP "); ConfigError names ``key``."""
-    if path.startswith(BUILTIN_PREFIX):
-        name = path[len(BUILTIN_PREFIX) :]
-        local = builtin_model_dir(name)
-        if not (local / marker).exists():
-            shipped = sorted(p.parent.name for p in local.parent.glob(f"*/{marker}")) if local.parent.exists() else []
-            raise ConfigError(f"{key}={path!r}: no shipped {kind}model of that name (shipped: {', '.join(shipped) or 'none'})")
-        return str(local), True
-    expanded = Path(path).expanduser()
-    if path.startswith(("/", "./", "../", "~")) or expanded.exists():
-        if not (expanded / marker).exists():
-            raise ConfigError(f"{key}={path!r}: not a {kind or 'diffusers '}model directory (no {marker} there); give {hint}")
-        return str(expanded), True
-    if not HUB_ID.match(path):
-        raise ConfigError(f"{key}={path!r}: neither an existing local directory nor a hub id of the form org/name")
-    return path, False
-
-
-def validate(cfg: DictConfig) -> None:
-    """Semantic checks that need no model; raises ConfigError (one line)."""
-    if cfg.steps < 1:
-        raise ConfigError(f"steps={cfg.steps}: must be >= 1")
-    if not cfg.guidance_scale > 0:
-        raise ConfigError(f"guidance_scale={cfg.guidance_scale}: must be > 0")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size={cfg.batch_size}: must be >= 1")
-    if not cfg.seeds:
-        raise ConfigError("seeds=[]: give at least one seed")
-    for key in ("height", "width"):
-        v = cfg.get(key)
-        if v is not None and (v < 8 or v % 8):
-            raise ConfigError(f"{key}={v}: must be a positive multiple of 8")
-    _allowed("device", cfg.device, DEVICES)
-    if cfg.fixed_rows != "auto" and not (isinstance(cfg.fixed_rows, int) and cfg.fixed_rows >= 0):
-        raise ConfigError(f"fixed_rows={cfg.fixed_rows!r}: allowed values are auto, 0 (off) or a positive number of rows")
-    if cfg.get("autocast") is not None:
-        _allowed("autocast", cfg.autocast, ("bf16",))
-    for item in cfg.record:
-        _allowed("record", item, RECORDABLE)
-    _allowed("model.scheduler", cfg.model.scheduler, SCHEDULERS)
-    _allowed("model.dtype", cfg.model.dtype, DTYPES)
-    resolve_model_path(cfg.model.path)
-    if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
-        raise ConfigError(f"dataset.limit={cfg.dataset.limit}: must be >= 1 or null")
-    if not 0 <= cfg.dataset.shard < cfg.dataset.shards:
-        raise ConfigError(f"dataset.shard={cfg.dataset.shard}: must be in 0..dataset.shards-1 (dataset.shards={cfg.dataset.shards})")
-    if not pairs_of(cfg.dataset):
-        raise ConfigError(f"dataset.shard={cfg.dataset.shard}: this shard of {cfg.dataset.shards} is empty (dataset {cfg.dataset.name!r} "
-                          "has fewer items than shards)")
-    _allowed("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
-    _allowed("logger.name", cfg.logger.name, ("none", "wandb"))
-    from negstudy.tracking import check as check_tracking
-
-    check_tracking(cfg)
-    _allowed("sweep.name", cfg.sweep.name, SWEEPS)
-    _allowed("sweep.layers", cfg.sweep.layers, ("down_up", "all"))
-    _allowed("attention.maps", cfg.attention.maps, ("negstudy", "daam"))
-    _allowed("sweep.variant", cfg.sweep.variant, ("all_tokens", "word_tokens", "all_tokens_daam", "word_tokens_daam"))
-    if cfg.sweep.variant.endswith("_daam") and cfg.attention.maps != "daam":
-        raise ConfigError(f"sweep.variant={cfg.sweep.variant!r}: the author's ratio is recorded only with attention.maps=daam "
-                          f"(attention.maps={cfg.attention.maps!r})")
-    _allowed("mechanisms.energy", OmegaConf.select(cfg, "mechanisms.energy", default="negstudy"), ("negstudy", "paper", "both"))
-    for key in ("stride", "screen_seeds", "max_seeds"):
-        if cfg.sweep[key] < 1:
-            raise ConfigError(f"sweep.{key}={cfg.sweep[key]}: must be >= 1")
-    n = _n_calls_for(cfg)
-    schedule_from_config(cfg.schedule).plan(n)
-    if cfg.sweep.name == "removal":
-        _validate_removal(cfg.removal)
-    from negstudy.evaluators import check_evaluator
-
-    check_evaluator(cfg.evaluator)
-
-
-def _validate_removal(r) -> None:
-    if len(r.window) != 2 or not 0 <= r.window[0] <= r.window[1] < r.window_of:
-        raise ConfigError(f"removal.window={list(r.window)}: give [start, end] with 0 <= start <= end < removal.window_of={r.window_of}")
-    if not 0 <= r.fallback_start < r.window_of:
-        raise ConfigError(f"removal.fallback_start={r.fallback_start}: must be in 0..{r.window_of - 1}")
-    _allowed("removal.protocol", r.protocol, ("negstudy", "paper"))
-    for key in ("length", "extend", "max_objects"):
-        if r[key] < 1:
-            raise ConfigError(f"removal.{key}={r[key]}: must be >= 1")
-    if r.max_regenerations < 0:
-        raise ConfigError(f"removal.max_regenerations={r.max_regenerations}: must be >= 0")
-    if r.labels is not None:
-        from negstudy.labels import label_set
-
-        label_set(r.labels, "removal.labels")
-
-
-def schedule_from_config(node: DictConfig):
-    params = OmegaConf.to_container(node, resolve=True)
-    name = params.pop("name", None)
-    if name not in SCHEDULES:
-        raise ConfigError(f"schedule.name={name!r}: allowed values are {', '.join(SCHEDULES)}")
-    return make_schedule(name, **params)
-
-
-def _n_calls_for(cfg: DictConfig) -> int:
-    """UNet calls of the loop, from the scheduler config alone (no weights are loaded)."""
-    from negstudy.models import load_scheduler
-    from negstudy.schedules import n_calls
-
-    try:
-        scheduler = load_scheduler(cfg.model)
-    except ConfigError:
-        raise
-    except Exception:  # remote checkpoint not reachable yet: the loader reports it properly later
-        return cfg.steps + (1 if cfg.model.scheduler in ("default", "pndm") else 0)
-    return n_calls(scheduler, cfg.steps)

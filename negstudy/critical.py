@@ -265,6 +265,34 @@ def _step_or_never(x: float) -> int | None:
     return None if np.isinf(x) else int(x)
 
 
+HIT_LIFT = 2.0  # attention "reaches the region" once its mass there is twice what a uniform map would put there
+
+
+def attention_hit_step(mass_in_region, region_fraction, hit_lift: float = HIT_LIFT) -> int | None:
+    """The attention hit rule, the one place it is written: the first step at which a word's map
+    puts ``hit_lift`` times a uniform map's mass on the region, i.e. its lift
+    ``mass_in_region / region_fraction >= hit_lift``. Lift rather than raw mass because objects
+    cover ~10 % of a shapes image: a raw-mass threshold of 0.5 would demand a five-fold
+    concentration for small objects and a trivial one for large.
+
+    mass_in_region: (steps,) from :func:`negstudy.attention.mass_in_mask`, NaN where not recorded;
+    region_fraction: the region's share of the image, a scalar or (steps,).
+    """
+    lift = np.asarray(mass_in_region, dtype=float) / np.asarray(region_fraction, dtype=float)
+    return first_hit_step(lift, hit_lift)
+
+
+def maps_hit_step(maps, region, hit_lift: float = HIT_LIFT) -> int | None:
+    """:func:`attention_hit_step` of a word's maps (steps, h, w) on a boolean region (h, w); a step
+    whose map is not finite was not recorded. None without a region."""
+    from negstudy.attention import mass_in_mask
+
+    if region is None or not region.any():
+        return None
+    mass = [mass_in_mask(m, region) if np.isfinite(m).all() else np.nan for m in maps]
+    return attention_hit_step(mass, float(region.mean()), hit_lift)
+
+
 def first_hit_step(mass_per_step, threshold: float = 0.5) -> int | None:
     """The first step at which a token's map mass inside the object's region is >= ``threshold``.
 

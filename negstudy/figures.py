@@ -3,7 +3,7 @@
 Every ``fig_*`` takes a tidy table (or maps) and returns a :class:`matplotlib.figure.Figure` built
 without pyplot (no global state, nothing to close, any backend); :func:`save` writes it as a PNG,
 atomically. Curves are means over independent units (pair x seed, or pair x seed x noise draw for
-the energy) with 95 % percentile-bootstrap bands (:func:`negstudy.studies.mechanisms.summarize`).
+the energy) with 95 % percentile-bootstrap bands (:func:`negstudy.tables.summarize`).
 Step axes are UNet-call indices (:mod:`negstudy.schedules`).
 """
 
@@ -36,7 +36,7 @@ def save(fig: Figure, path: Path, dpi: int = 110) -> Path:
 
 
 def _band(ax, df: pd.DataFrame, x: str, value: str, units: Sequence[str], label: str, colour: str | None = None):
-    from negstudy.studies.mechanisms import summarize  # here: the studies import this module's helpers
+    from negstudy.tables import summarize
 
     s = summarize(df, x, value, units)
     n = int(s.n.max()) if len(s) else 0

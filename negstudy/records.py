@@ -29,6 +29,11 @@ def slug(text: str, max_len: int = 40) -> str:
     return text[:max_len].strip("-") or "empty"
 
 
+def strip_name(caption: int, prompt: str, seed: int, obj: str) -> str:
+    """File name of a removal strip (original | from-0 | window | adaptive) under ``<job>/triples/``."""
+    return f"{caption:03d}_{slug(prompt)}_s{seed}_{slug(obj, 20)}.png"
+
+
 @contextmanager
 def atomic_path(path: Path):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""

@@ -255,8 +255,7 @@ def grid_from_maps(npz: Path, plain_image: np.ndarray | None, hit_lift: float, w
     """An attention grid from a ``maps/*.npz`` of the critical-step study (negstudy.figures.save_word_maps).
 
     Returns (figure, hit step or None, window length, whether there is a region)."""
-    from negstudy.attention import mass_in_mask
-    from negstudy.critical import first_hit_step
+    from negstudy.critical import maps_hit_step
     from negstudy.figures import fig_attention_grid, step_windows
 
     data = np.load(npz)
@@ -265,11 +264,7 @@ def grid_from_maps(npz: Path, plain_image: np.ndarray | None, hit_lift: float, w
     n = neg.shape[0]
     window = max(1, math.ceil(n / windows_wanted))
     windows = step_windows(n, window)
-    hit = None
-    if region is not None and region.any():
-        share = float(region.mean())
-        lifts = np.array([mass_in_mask(m, region) / share if not np.isnan(m).all() else np.nan for m in neg])
-        hit = first_hit_step(lifts, hit_lift)
+    hit = maps_hit_step(neg, region, hit_lift)  # the attention hit rule (negstudy.critical)
     hit_window = None if hit is None else next(i for i, (a, b) in enumerate(windows) if a <= hit <= b)
     image = plain_image
     if image is not None and region is not None and image.shape[:2] != region.shape:
@@ -331,7 +326,7 @@ def fig_examples(root: Path, targets: pd.DataFrame, n: int = 6) -> Figure | None
     method's step window and the reader's verdict."""
     from PIL import Image
 
-    from negstudy.studies.removal import strip_name
+    from negstudy.records import strip_name
 
     t = targets.assign(_adaptive_removed=(targets.method == "adaptive") & (targets.removed == True))  # noqa: E712 (nullable)
     order = (t.groupby(["job", "caption", "prompt", "seed", "object"], sort=False)._adaptive_removed.any()
@@ -486,14 +481,14 @@ def _n_text(frame: pd.DataFrame) -> str:
 
 
 def page(root: Path, out: Path, intro: str, sections: list[tuple[str, pd.DataFrame]], figures: dict[str, str], *,
-         ratio: pd.DataFrame, removal: pd.DataFrame, crit: pd.DataFrame, variant: str, hit_lift: float,
-         screen: pd.DataFrame | None = None, scorecard: str | None = None) -> str:
+         variant: str, hit_lift: float, ratio: pd.DataFrame | None = None, removal: pd.DataFrame | None = None,
+         crit: pd.DataFrame | None = None, screen: pd.DataFrame | None = None, scorecard: str | None = None) -> str:
     """The whole report.html. sections: (title, table) from build; figures: key -> base64 PNG, the
     keys build uses ("ratio", "removal", "reverse", "removal_methods", "removal_examples") and the
     studies' own PNGs keyed by their path below ``root`` without suffix. scorecard: the scorecard's
     HTML fragment when the caller already has it (else :func:`scorecard_html` looks for one)."""
     root, out = Path(root), Path(out)
-    screen = screen if screen is not None else pd.DataFrame()
+    ratio, removal, crit, screen = (frame if frame is not None else pd.DataFrame() for frame in (ratio, removal, crit, screen))
     tables = dict(sections)
 
     def table(prefix: str) -> pd.DataFrame | None:

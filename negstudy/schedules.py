@@ -81,7 +81,8 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Base of all schedules; ``name`` is the config key ``schedule.name``."""
+    """Base of all schedules. A schedule is chosen by ``_target_`` in conf/schedule/*.yaml and built
+    by :func:`negstudy.checks.build`; ``name`` labels it in tables (:meth:`describe`)."""
 
     name: ClassVar[str]
 
@@ -166,6 +167,9 @@ class Inject(Schedule):
     steps: tuple[Step, ...] = ()
     g: float = 10.0
 
+    def __post_init__(self):
+        object.__setattr__(self, "steps", tuple(self.steps))  # a YAML list, hashable and printed as the tuple it is
+
     def steps_with_negative(self, n):
         return np.zeros(n, bool)
 
@@ -178,20 +182,3 @@ class Inject(Schedule):
         for s in self.steps:
             inject[to_index(s, n, "schedule.steps", upper=n - 1)] = float(self.g)
         return StepPlan(negative=np.zeros(n, bool), inject=inject)
-
-
-SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (Never, Always, FromStep, FirstK, Window, Inject)}
-
-
-def make_schedule(name: str, **params) -> Schedule:
-    """Build a schedule from its config name and parameters (unknown keys are errors)."""
-    if name not in SCHEDULES:
-        raise ScheduleError(f"schedule.name={name!r}: allowed values are {', '.join(SCHEDULES)}")
-    cls = SCHEDULES[name]
-    allowed = set(cls.__dataclass_fields__)
-    extra = set(params) - allowed
-    if extra:
-        raise ScheduleError(f"schedule.{sorted(extra)[0]}: not a parameter of {name} (allowed: {sorted(allowed) or 'none'})")
-    if "steps" in params:
-        params["steps"] = tuple(params["steps"])
-    return cls(**params)

@@ -60,7 +60,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from negstudy import report
+from negstudy.tables import DEFAULT_VARIANT, HIT_LIFT, METHOD_NAMES, UNIT, _read, critical_steps, pair_labels, removal_methods
 from negstudy.critical import cluster_mean_ci, cluster_rate_ci
 
 MIN_CLUSTERS = 3  # pairs (captions): fewer, and a bootstrap over them says little
@@ -201,7 +201,7 @@ def run_configs(root: Path) -> list[dict]:
 
 def model_dir(model: dict) -> Path | None:
     """The directory of a shipped or local model (its card, quality.json, reader_agreement.json); None for a hub id."""
-    from negstudy.config import BUILTIN_PREFIX, builtin_model_dir
+    from negstudy.models import BUILTIN_PREFIX, builtin_model_dir
 
     path = str(model.get("path") or "")
     if path.startswith(BUILTIN_PREFIX):
@@ -313,7 +313,7 @@ def _ratio_measures(crit: pd.DataFrame) -> dict[str, Measure | str]:
             out["attention_later"] = Measure(
                 float(r.lag_mean), float(r.lag_low), float(r.lag_high), int(r.lag_n_pairs), int(r.lag_n),
                 f"the negative word reaches the concept's region {r.lag_mean:+.1f} steps (95 % CI {r.lag_low:+.1f}.."
-                f"{r.lag_high:+.1f}) after the positive word reaches its own object (lift >= {report.HIT_LIFT:g}; {n} calls), "
+                f"{r.lag_high:+.1f}) after the positive word reaches its own object (lift >= {HIT_LIFT:g}; {n} calls), "
                 f"over the {int(r.lag_n)} pair-seeds where both arrive; the negative never arrives in "
                 f"{int(r.attention_never)} of {int(r.attention_n)}")
         elif pd.notna(r.get("attention_n", np.nan)):
@@ -322,7 +322,7 @@ def _ratio_measures(crit: pd.DataFrame) -> dict[str, Measure | str]:
             out["attention_later"] = Measure(
                 _grid(r.attention_step_mean, n), _grid(r.attention_step_low, n), _grid(r.attention_step_high, n),
                 int(r.attention_n_pairs), int(r.attention_n),
-                f"the negative word reaches the object's region (lift >= {report.HIT_LIFT:g}) {reached}; never in "
+                f"the negative word reaches the object's region (lift >= {HIT_LIFT:g}) {reached}; never in "
                 f"{int(r.attention_never)} of {int(r.attention_n)} pair-seeds",
                 missing="a pair-seed where both the positive and the negative word reach their regions")
     else:
@@ -341,7 +341,7 @@ def _ratio_measures(crit: pd.DataFrame) -> dict[str, Measure | str]:
 
 def _units(frame: pd.DataFrame, value: str) -> tuple[np.ndarray, np.ndarray]:
     """Per (job, pair, seed): the mean of ``value`` and the pair label."""
-    g = frame.assign(pair_label=report.pair_labels(frame)).groupby(report.UNIT + ["pair_label"])[value].mean().reset_index()
+    g = frame.assign(pair_label=pair_labels(frame)).groupby(UNIT + ["pair_label"])[value].mean().reset_index()
     return g[value].to_numpy(dtype=float), g.pair_label.to_numpy()
 
 
@@ -358,8 +358,8 @@ def _reverse(reverse: pd.DataFrame) -> Measure | str:
     if early.empty:
         return f"reverse.parquet has no k in 1..{top} of {n_calls} calls (the sweep's stride skips them)"
     frame = reverse[reverse.appears.notna()]  # the reader's "unsure" is left out
-    frame = frame.assign(pair_label=report.pair_labels(frame), appears=frame.appears.astype(bool))
-    key = report.UNIT + ["pair_label"]
+    frame = frame.assign(pair_label=pair_labels(frame), appears=frame.appears.astype(bool))
+    key = UNIT + ["pair_label"]
     base = frame[frame.k == 0].groupby(key).appears.any()
     seen = frame[frame.k.isin(early.k.unique())].groupby(key).appears.any()
     seen = seen[~base.reindex(seen.index, fill_value=False)]  # the object was absent without the negative
@@ -387,22 +387,22 @@ def _energy(energy: pd.DataFrame) -> Measure | str:
 
 def _removal(targets: pd.DataFrame) -> list[tuple[str, str, Measure | str]]:
     """(key suffix, label, measure) per dataset and windowed method, for REMOVAL_CLAIMS."""
-    methods = report.removal_methods(targets)
+    methods = removal_methods(targets)
     out = []
-    for r in methods[methods.method != report.METHOD_NAMES["from0"]].itertuples():
+    for r in methods[methods.method != METHOD_NAMES["from0"]].itertuples():
         label = f"{r.method}, {r.dataset}"
         if not r.objects or pd.isna(r.vs_from0):
             out.append(("vs_from0", label, "no object with a removal verdict from every method (an unsure reader), "
                                            "or none removed from step 0"))
         else:
-            from0 = methods[(methods.dataset == r.dataset) & (methods.method == report.METHOD_NAMES["from0"])].removed.iloc[0]
+            from0 = methods[(methods.dataset == r.dataset) & (methods.method == METHOD_NAMES["from0"])].removed.iloc[0]
             out.append(("vs_from0", label, Measure(
                 r.vs_from0, r.vs_from0_low, r.vs_from0_high, int(r.n_captions), int(r.objects),
                 f"{r.vs_from0:.0%} (95 % CI {r.vs_from0_low:.0%}..{r.vs_from0_high:.0%}): {r.removed:.0%} vs from-0's {from0:.0%}",
                 "captions x objects")))
         if pd.notna(getattr(r, "preferred", np.nan)):
             by = "the judge" if r.preference_by == "judge" else "higher PSNR outside the object (no judge)"
-            code = next(k for k, v in report.METHOD_NAMES.items() if v == r.method)
+            code = next(k for k, v in METHOD_NAMES.items() if v == r.method)
             judged = targets[(targets.dataset == r.dataset) & (targets.method == code) & targets.prefers_over_from0.notna()]
             out.append(("preferred", label, Measure(
                 r.preferred, r.preferred_low, r.preferred_high, int(judged.prompt.nunique()), int(r.preferred_n),
@@ -442,17 +442,17 @@ def _row(claim: str, paper: str, rule: str, m: Measure | str | None, v: str, sou
             "n_clusters": m.n_clusters if measured else 0, "n_units": m.n_units if measured else 0}
 
 
-def scorecard(root: str | Path, variant: str = report.DEFAULT_VARIANT) -> tuple[pd.DataFrame, Instrument]:
+def scorecard(root: str | Path, variant: str = DEFAULT_VARIANT) -> tuple[pd.DataFrame, Instrument]:
     """The scorecard of the run under ``root``: one row per claim (see the module docstring), and the instrument."""
     root = Path(root)
-    tables = {name: report._read(root, name) for name in
+    tables = {name: _read(root, name) for name in
               ("ratio", "attention", "screen", "reverse", "inducing", "momentum", "energy", "removal_targets")}
     inst = instrument(root, tables["removal_targets"])
     measures: dict[str, Measure | str | None] = {}
     ratio = tables["ratio"]
     if not ratio.empty:
         ratio = ratio[ratio.variant == variant] if "variant" in ratio else ratio
-        crit = report.critical_steps(ratio, tables["attention"], variant, screen=tables["screen"]) if len(ratio) else pd.DataFrame()
+        crit = critical_steps(ratio, tables["attention"], variant, screen=tables["screen"]) if len(ratio) else pd.DataFrame()
         measures.update(_ratio_measures(crit))
     if not tables["reverse"].empty:
         measures["reverse_activation"] = _reverse(tables["reverse"])
@@ -509,13 +509,13 @@ def _markdown(table: pd.DataFrame, inst: Instrument, root: Path) -> str:
     return "\n".join(lines + [table[SHOWN].to_markdown(index=False), ""])
 
 
-def markdown(root: str | Path, variant: str = report.DEFAULT_VARIANT) -> tuple[pd.DataFrame, str]:
+def markdown(root: str | Path, variant: str = DEFAULT_VARIANT) -> tuple[pd.DataFrame, str]:
     """The scorecard and its Markdown (header lines, then the table)."""
     table, inst = scorecard(root, variant)
     return table, _markdown(table, inst, Path(root))
 
 
-def scorecard_html(root: str | Path, variant: str = report.DEFAULT_VARIANT) -> str:
+def scorecard_html(root: str | Path, variant: str = DEFAULT_VARIANT) -> str:
     """The scorecard as an HTML fragment (a heading, the header lines and the table), for report.html."""
     table, inst = scorecard(root, variant)
     return _html(table, inst, Path(root))
@@ -538,7 +538,7 @@ def _html(table: pd.DataFrame, inst: Instrument, root: Path) -> str:
             f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
-def write(root: str | Path, out: str | Path | None = None, variant: str = report.DEFAULT_VARIANT) -> str:
+def write(root: str | Path, out: str | Path | None = None, variant: str = DEFAULT_VARIANT) -> str:
     """Write ``scorecard.md`` and ``scorecard.csv`` (every column) into ``out`` (default <root>/report);
     return the HTML fragment of :func:`scorecard_html`."""
     root = Path(root)
@@ -556,7 +556,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m negstudy.scorecard", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("directory")
-    ap.add_argument("--variant", default=report.DEFAULT_VARIANT)
+    ap.add_argument("--variant", default=DEFAULT_VARIANT)
     args = ap.parse_args(argv)
     if not Path(args.directory).is_dir():
         print(f"negstudy.scorecard: error: {args.directory}: not a directory", file=sys.stderr)

@@ -361,7 +361,8 @@ def test_attention_maps_daam_from_the_command_line(tmp_path):
 def test_attention_maps_key_is_validated(tiny_model_dir):
     from hydra import compose, initialize_config_module
 
-    from negstudy.config import register_configs, validate
+    from negstudy.checks import validate
+    from negstudy.config import register_configs
     from negstudy.errors import ConfigError
 
     register_configs()

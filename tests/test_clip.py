@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from negstudy.config import builtin_model_dir
+from negstudy.models import builtin_model_dir
 from negstudy.datasets import Pair
 from negstudy.errors import ConfigError, ModelNotFoundError
-from negstudy.evaluators import make_evaluator
+from negstudy.checks import build
 from negstudy.evaluators.clip import OPENAI_CLIP, ClipEvaluator, resolve_clip_path
 from negstudy.evaluators.oracle import OracleEvaluator
 from negstudy.shapes import world
@@ -27,7 +27,7 @@ WORLD_SEED = 77_001  # fresh images: training batches use seeds hashed from (see
 
 
 def clip_cfg(**kw):
-    return OmegaConf.create({"name": "clip", "path": "auto", "batch_size": 128, "local_files_only": False} | kw)
+    return OmegaConf.create({"_target_": "negstudy.evaluators.clip.ClipEvaluator.build", "name": "clip", "path": "auto", "batch_size": 128, "local_files_only": False} | kw)
 
 
 def auc(pos, neg) -> float:
@@ -65,21 +65,22 @@ def test_auto_is_the_shipped_model_on_shapes_and_openai_elsewhere():
 ])
 def test_a_missing_model_is_one_clear_line(path, message):
     with pytest.raises(ConfigError) as err:
-        make_evaluator(clip_cfg(path=path), "shapes")
+        build(clip_cfg(path=path), "evaluator", world="shapes")
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
 
 def test_an_unreachable_hub_model_says_how_to_get_it():
     with pytest.raises(ModelNotFoundError) as err:  # conftest keeps the hub offline
-        make_evaluator(clip_cfg(path="negstudy-test/no-such-clip", local_files_only=True), None)
+        build(clip_cfg(path="negstudy-test/no-such-clip", local_files_only=True), "evaluator", world=None)
     assert "hf download negstudy-test/no-such-clip" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_the_hydra_config_composes_and_builds_the_evaluator():
     from hydra import compose, initialize_config_module
 
-    from negstudy.config import register_configs, validate
+    from negstudy.checks import validate
+    from negstudy.config import register_configs
     from negstudy.generate import model_world
 
     register_configs()
@@ -87,7 +88,7 @@ def test_the_hydra_config_composes_and_builds_the_evaluator():
         cfg = compose(config_name="config", overrides=["evaluator=clip", "evaluator.batch_size=32"])
     validate(cfg)
     assert cfg.evaluator.name == "clip" and cfg.evaluator.path == "auto" and cfg.evaluator.batch_size == 32
-    ev = make_evaluator(cfg.evaluator, model_world(cfg.model))
+    ev = build(cfg.evaluator, "evaluator", world=model_world(cfg.model))
     assert isinstance(ev, ClipEvaluator) and ev.world == "shapes" and ev.batch_size == 32
 
 

@@ -7,7 +7,8 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from negstudy.config import register_configs, validate
+from negstudy.checks import validate
+from negstudy.config import register_configs
 from negstudy.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -86,6 +87,13 @@ def test_types_are_checked_by_the_schema(hydra_ctx):
         (["schedule=first_k", "schedule.k=-2"], "schedule.k=-2"),
         (["logger.mode=sometimes"], "logger.mode='sometimes': allowed values are offline, online, disabled"),
         (["record=[attention_everything]"], "record='attention_everything': allowed values are eps, latents"),
+        (["schedule._target_=negstudy.schedules.Sometimes"], "schedule._target_='negstudy.schedules.Sometimes': does not import"),
+        (["evaluator._target_=negstudy.evaluators.nothing.Reader"], "evaluator._target_='negstudy.evaluators.nothing.Reader': does not import"),
+        (["evaluator=clip", "evaluator._target_=negstudy.evaluators.oracle.OracleEvaluator"],
+         "evaluator.path: not a parameter of negstudy.evaluators.oracle.OracleEvaluator (allowed: none)"),
+        (["+sweep=reverse_activation", "sweep.study._target_=negstudy.studies.nothing.run"],
+         "sweep.study._target_='negstudy.studies.nothing.run': does not import"),
+        (["+sweep=removal", "removal.window=[5,40]", "hydra.mode=RUN"], "removal.window=[5, 40]: give [start, end]"),
     ],
 )
 def test_semantic_errors(hydra_ctx, tiny_model_dir, overrides, message):

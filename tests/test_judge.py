@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from negstudy.config import JudgeConfig, register_configs
 from negstudy.errors import ConfigError
-from negstudy.evaluators import make_evaluator
+from negstudy.checks import build
 from negstudy.evaluators.judge import PLACEHOLDER_KEY, InvalidAnswer, JudgeEvaluator, parse_answer
 from negstudy.shapes import world
 
@@ -42,7 +42,7 @@ def server():
 
 
 def judge(server, tmp_path, **overrides):
-    """An evaluator built through from_config, as make_evaluator does."""
+    """An evaluator built through from_config, as negstudy.checks.build does."""
     fields = {"base_url": server.base_url, "labels": "shapes", "cache_dir": str(tmp_path / "cache"), **FAST, **overrides}
     return JudgeEvaluator.from_config(OmegaConf.structured(JudgeConfig(**fields)))
 
@@ -292,9 +292,9 @@ def test_hydra_composes_evaluator_judge(monkeypatch, tmp_path):
     assert cfg.evaluator.name == "judge" and cfg.evaluator.base_url is None and cfg.evaluator.model == "gpt-4o"
     assert OmegaConf.to_container(cfg.evaluator).keys() == OmegaConf.to_container(OmegaConf.structured(JudgeConfig)).keys()
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    evaluator = make_evaluator(cfg.evaluator, "shapes")
+    evaluator = build(cfg.evaluator, "evaluator", world="shapes")
     assert isinstance(evaluator, JudgeEvaluator) and evaluator.labels == world.OBJECT_NAMES
     assert evaluator.base_url == "https://api.openai.com/v1"
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
-        make_evaluator(cfg.evaluator, "shapes")
+        build(cfg.evaluator, "evaluator", world="shapes")

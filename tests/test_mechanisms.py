@@ -328,7 +328,8 @@ def test_paper_energy_barrier_uses_t100_the_empty_prompt_and_101_weights():
 def test_energy_variant_key_is_validated(tiny_model_dir):
     from hydra import compose, initialize_config_module
 
-    from negstudy.config import register_configs, validate
+    from negstudy.checks import validate
+    from negstudy.config import register_configs
     from negstudy.errors import ConfigError
 
     register_configs()

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from negstudy.config import OwlConfig, register_configs
 from negstudy.errors import ConfigError, ModelNotFoundError
-from negstudy.evaluators import make_evaluator
+from negstudy.checks import build
 from negstudy.evaluators.owl import OwlEvaluator, box_mask, preprocess, query
 from negstudy.shapes.world import OBJECT_NAMES
 
@@ -105,13 +105,13 @@ def test_evaluate_columns_with_detections(owl_dir):
     assert rows[0]["negative_present"] is True and rows[1]["negative_present"] is None
 
 
-def test_made_by_make_evaluator_from_the_composed_config(owl_dir):
+def test_built_from_the_composed_config(owl_dir):
     register_configs()
     with initialize_config_module(config_module="negstudy.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=["evaluator=owl", f"evaluator.path={owl_dir}",
                                                        "evaluator.labels=shapes", "evaluator.device=cpu"])
     assert cfg.evaluator.name == "owl" and cfg.evaluator.threshold == 0.3
-    assert isinstance(make_evaluator(cfg.evaluator, None), OwlEvaluator)
+    assert isinstance(build(cfg.evaluator, "evaluator", world=None), OwlEvaluator)
 
 
 def test_missing_model_says_how_to_fetch_it(tmp_path):

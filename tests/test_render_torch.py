@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from negstudy.config import builtin_model_dir
+from negstudy.models import builtin_model_dir
 from negstudy.shapes import render_torch as rt
 from negstudy.shapes import world
 

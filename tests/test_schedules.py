@@ -5,8 +5,10 @@ import pytest
 from diffusers import DDIMScheduler, PNDMScheduler
 
 from negstudy.schedules import (
-    Always, FirstK, FromStep, Inject, Never, ScheduleError, Window, make_schedule, n_calls, to_index,
+    Always, FirstK, FromStep, Inject, Never, ScheduleError, Window, n_calls, to_index,
 )
+from negstudy.checks import build
+from negstudy.errors import ConfigError
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False)
 
@@ -72,8 +74,6 @@ def test_inject_plan_and_branches():
         (lambda: FirstK(-1).plan(31), "schedule.k=-1"),
         (lambda: Inject(steps=(), g=1.0).plan(31), "schedule.steps=[]"),
         (lambda: Inject(steps=(3,), g=0.0).plan(31), "schedule.g=0"),
-        (lambda: make_schedule("sometimes"), "schedule.name='sometimes': allowed values are never, always"),
-        (lambda: make_schedule("window", begin=3), "schedule.begin: not a parameter of window"),
         (lambda: to_index(True, 31, "schedule.k", upper=31), "schedule.k=True"),
     ],
 )
@@ -82,3 +82,26 @@ def test_errors_name_the_key(make, message):
         make()
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_built_from_its_target_with_the_yaml_keys():
+    schedule = build({"_target_": "negstudy.schedules.Inject", "name": "inject", "steps": [1, 0.5], "g": -20.0}, "schedule")
+    assert schedule == Inject(steps=(1, 0.5), g=-20.0) and schedule.describe() == "inject(steps=(1, 0.5),g=-20.0)"
+    assert build({"_target_": "negstudy.schedules.Window", "start": 1, "end": 3}, "schedule") == Window(1, 3)
+
+
+@pytest.mark.parametrize(
+    "node, message",
+    [
+        ({"_target_": "negstudy.schedules.Sometimes"}, "schedule._target_='negstudy.schedules.Sometimes': does not import"),
+        ({"_target_": "negstudy.schedules.Window", "begin": 3},
+         "schedule.begin: not a parameter of negstudy.schedules.Window (allowed: start, end)"),
+        ({"name": "window", "start": 3}, "schedule: no _target_"),
+    ],
+)
+def test_target_errors_name_the_key(node, message):
+    with pytest.raises(ConfigError) as err:
+        build(node, "schedule")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+

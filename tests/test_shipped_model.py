@@ -6,7 +6,8 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from negstudy.config import ModelConfig, builtin_model_dir
+from negstudy.config import ModelConfig
+from negstudy.models import builtin_model_dir
 from negstudy.models import load_pipeline, pick_device
 from negstudy.records import to_uint8
 from negstudy.sampler import Batch, NegativeSampler

@@ -114,7 +114,8 @@ def test_package_resume_assemble_load(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
-    from negstudy.config import ModelConfig, builtin_model_dir
+    from negstudy.config import ModelConfig
+    from negstudy.models import builtin_model_dir
     from negstudy.models import load_pipeline
 
     ts = load_script()

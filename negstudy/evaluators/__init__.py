@@ -1,7 +1,10 @@
 """Evaluators: read generated images and say what is in them.
 
-An evaluator is built from ``cfg.evaluator`` by :func:`make_evaluator` BEFORE the model loads, so
-an evaluator that cannot judge the chosen model fails fast. Every evaluator implements
+An evaluator is chosen by ``_target_`` in conf/evaluator/*.yaml and built from ``cfg.evaluator`` by
+``negstudy.checks.build(cfg.evaluator, "evaluator", world=model_world)`` BEFORE the model loads, so an
+evaluator that cannot judge the chosen model fails fast. The target is a keyword factory (the
+node's keys, and ``world``: the model's world, "shapes" or None), usually the class's ``build``.
+Every evaluator implements
 
 - ``evaluate(images, items) -> list[dict]``: per-image columns for the generation job's table;
 - ``objects(images, labels) -> list[dict[str, mask | None] | None]``: the objects it finds in each
@@ -21,7 +24,6 @@ import numpy as np
 
 from negstudy.errors import ConfigError
 
-EVALUATORS = ("none", "oracle", "judge", "clip", "owl", "ensemble")
 Mask = np.ndarray
 
 
@@ -40,6 +42,9 @@ class NoEvaluator:
     name = "none"
     locates = False
 
+    def __init__(self, *, world: str | None = None):
+        pass
+
     def evaluate(self, images, items) -> list[dict]:
         return [{} for _ in items]
 
@@ -50,47 +55,22 @@ class NoEvaluator:
         return [None for _ in images]
 
 
-def check_evaluator(cfg_evaluator) -> None:
-    """Name and settings checks that need no model or network (run by ``negstudy.config.validate``)."""
-    name = cfg_evaluator.name
-    if name not in EVALUATORS:
-        raise ConfigError(f"evaluator.name={name!r}: allowed values are {', '.join(EVALUATORS)}")
-    if "labels" in cfg_evaluator:
-        from negstudy.labels import label_set
+def settings_node(schema, settings: dict, kind: str):
+    """``settings`` (an evaluator node's keys as keyword arguments) over ``schema``'s defaults, as the
+    node ``from_config`` reads; a key the schema lacks is a ConfigError naming ``evaluator.<key>``."""
+    from dataclasses import fields
 
-        label_set(cfg_evaluator.labels)
+    from omegaconf import OmegaConf
+
+    names = [f.name for f in fields(schema) if not f.name.startswith("_") and f.name != "name"]
+    for key in settings:
+        if key not in names:
+            raise ConfigError(f"evaluator.{key}: not a parameter of the {kind} evaluator (allowed: {', '.join(names)})")
+    return OmegaConf.merge(OmegaConf.structured(schema), settings)
 
 
-def make_evaluator(cfg_evaluator, model_world: str | None) -> Evaluator:
-    name = cfg_evaluator.name
-    if name == "none":
-        return NoEvaluator()
-    if name == "oracle":
-        if model_world != "shapes":
-            raise ConfigError(
-                f"evaluator.name='oracle': the oracle reads the shapes world only, and model {model_world or 'is not a shapes model'}"
-                " (use evaluator=none, or model=shapes)"
-            )
-        from negstudy.evaluators.oracle import OracleEvaluator
-
-        return OracleEvaluator()
-    if name == "judge":
-        from negstudy.evaluators.judge import JudgeEvaluator
-
-        return JudgeEvaluator.from_config(cfg_evaluator)
-    if name == "clip":
-        from negstudy.evaluators.clip import ClipEvaluator
-
-        return ClipEvaluator.from_config(cfg_evaluator, model_world)
-    if name == "ensemble":
-        if model_world != "shapes":
-            raise ConfigError(f"evaluator.name='ensemble': the ensemble reads the shapes world only (oracle + shapes CLIP),"
-                              f" and model {model_world or 'is not a shapes model'} (use evaluator=clip or judge, or model=shapes)")
-        from negstudy.evaluators.ensemble import EnsembleEvaluator
-
-        return EnsembleEvaluator.from_config(cfg_evaluator, model_world)
-    if name == "owl":
-        from negstudy.evaluators.owl import OwlEvaluator
-
-        return OwlEvaluator.from_config(cfg_evaluator)
-    raise ConfigError(f"evaluator.name={name!r}: allowed values are {', '.join(EVALUATORS)}")
+def shapes_world_only(name: str, model_world: str | None, instead: str) -> None:
+    """Readers of the shapes world refuse other models before anything loads."""
+    if model_world != "shapes":
+        raise ConfigError(f"evaluator.name={name!r}: the {name} reads the shapes world only, and model "
+                          f"{model_world or 'is not a shapes model'} (use {instead}, or model=shapes)")

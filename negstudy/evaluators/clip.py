@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from negstudy.config import resolve_model_path
+from negstudy.models import resolve_model_path
 from negstudy.errors import ConfigError, ModelNotFoundError
 
 SHAPES_CLIP = "builtin:shapes_clip"
@@ -71,6 +71,14 @@ class ClipEvaluator:
         self.device = torch.device(device)
         self._text_cache: dict[str, torch.Tensor] = {}
         self._decoder = None  # (caption embeddings (C, D), named object sets), built on first use
+
+    @classmethod
+    def build(cls, *, world: str | None = None, **settings) -> "ClipEvaluator":
+        """The target of conf/evaluator/clip.yaml: ClipConfig's keys as keyword arguments."""
+        from negstudy.config import ClipConfig
+        from negstudy.evaluators import settings_node
+
+        return cls.from_config(settings_node(ClipConfig, settings, "clip"), world)
 
     @classmethod
     def from_config(cls, cfg_evaluator, model_world: str | None) -> "ClipEvaluator":

@@ -248,9 +248,19 @@ class EnsembleEvaluator:
         self.clip = clip
 
     @classmethod
+    def build(cls, *, world: str | None = None, **settings) -> "EnsembleEvaluator":
+        """The target of conf/evaluator/ensemble.yaml: the shapes CLIP's keys (ClipConfig) as keyword arguments."""
+        from negstudy.config import ClipConfig
+        from negstudy.evaluators import settings_node
+
+        return cls.from_config(settings_node(ClipConfig, settings, "ensemble"), world)
+
+    @classmethod
     def from_config(cls, cfg_evaluator, model_world: str | None) -> "EnsembleEvaluator":
+        from negstudy.evaluators import shapes_world_only
         from negstudy.evaluators.clip import ClipEvaluator
 
+        shapes_world_only("ensemble", model_world, "evaluator=clip or judge")
         return cls(ClipEvaluator.from_config(cfg_evaluator, model_world))
 
     def read(self, images: np.ndarray) -> list[Reading]:

@@ -365,6 +365,14 @@ class JudgeEvaluator:
         self.last_calls: list[Call] = []
 
     @classmethod
+    def build(cls, *, world: str | None = None, **settings) -> JudgeEvaluator:
+        """The target of conf/evaluator/judge.yaml: JudgeConfig's keys as keyword arguments (any world)."""
+        from negstudy.config import JudgeConfig
+        from negstudy.evaluators import settings_node
+
+        return cls.from_config(settings_node(JudgeConfig, settings, "judge"))
+
+    @classmethod
     def from_config(cls, cfg) -> JudgeEvaluator:
         """From ``cfg.evaluator`` (JudgeConfig's fields); ConfigError (one line) on a bad value."""
         if cfg.image_detail not in DETAILS:

@@ -18,6 +18,11 @@ class OracleEvaluator:
     name = "oracle"
     locates = True
 
+    def __init__(self, *, world: str | None = "shapes"):
+        from negstudy.evaluators import shapes_world_only
+
+        shapes_world_only("oracle", world, "evaluator=none")
+
     def objects(self, images, labels=None) -> list[dict[str, np.ndarray]]:
         """Surely present objects (restricted to ``labels`` when given), each with its pixel mask."""
         return [{o: m for o, m in v.objects.items() if labels is None or o in labels} for v in oracle.inspect_batch(images)]

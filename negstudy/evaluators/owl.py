@@ -82,6 +82,14 @@ class OwlEvaluator:
         self.device = torch.device(device)
 
     @classmethod
+    def build(cls, *, world: str | None = None, **settings) -> OwlEvaluator:
+        """The target of conf/evaluator/owl.yaml: OwlConfig's keys as keyword arguments (any world)."""
+        from negstudy.config import OwlConfig
+        from negstudy.evaluators import settings_node
+
+        return cls.from_config(settings_node(OwlConfig, settings, "owl"))
+
+    @classmethod
     def from_config(cls, cfg) -> OwlEvaluator:
         """Load the detector named by ``cfg`` (an OwlConfig node: path, labels, threshold, ...)."""
         from negstudy.labels import label_set

@@ -1,0 +1,115 @@
+"""Studies: each one a module here plus an overlay ``conf/sweep/<name>.yaml`` that names its ``run``.
+
+The overlay chooses the study by ``_target_`` (built by :func:`negstudy.checks.build`)::
+
+    sweep:
+      name: critical_step                 # display: W&B group, report text
+      study:
+        _target_: negstudy.studies.critical_step.run
+        _partial_: true                   # other keys here become keyword arguments of run
+
+A study module exports
+
+- ``run(cfg, sampler, out_dir, **prepared) -> dict[str, DataFrame]``: the job; writes its tables
+  as ``out_dir/<table>.parquet`` and returns them;
+- ``prepare(cfg, world) -> dict`` (optional): before the model loads, checks that need the model's
+  world and objects built early (the evaluator); the dict becomes ``run``'s keyword arguments.
+  :func:`shapes_only` is the common one;
+- ``check(cfg)`` (optional): config checks without a model, run by :func:`negstudy.checks.validate`;
+- ``REPORT`` (optional): a :class:`StudyReport`, how ``negstudy.report`` pools, summarises, draws
+  and prints its tables, and what the job logs to W&B.
+
+Nothing else names a study: ``python -m negstudy`` and ``negstudy.report`` find them from the
+config (``sweep.study._target_``) and, for a directory of bare tables, among this package's modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Iterable
+
+from negstudy.errors import ConfigError
+
+
+@dataclass
+class Summary:
+    """What a study adds to the report."""
+
+    sections: list = field(default_factory=list)  # (title, DataFrame): report.md and report.html
+    figures: dict = field(default_factory=dict)  # key -> base64 PNG (its file written in the report directory)
+    page: dict = field(default_factory=dict)  # keyword inputs of negstudy.report_html.page it supplies (ratio, crit, ...)
+
+
+@dataclass(frozen=True)
+class StudyReport:
+    """How the report handles a study's tables.
+
+    tables: parquet stems its jobs write; the report pools each over every job below the run directory.
+    summarise(pooled, out, variant) -> Summary: pooled tables by stem (absent ones are empty frames),
+        the report directory (write CSV / parquet / PNG there), the ratio variant of the report.
+    lines(out) -> list[str]: one-line results read back from the report directory (console, W&B-free).
+    track(tracker, tables, out_dir, cfg): W&B extras after the job, from the tables ``run`` returned.
+    """
+
+    tables: tuple[str, ...]
+    summarise: Callable[..., Summary]
+    lines: Callable[[Path], list[str]] | None = None
+    track: Callable[..., None] | None = None
+
+
+def shapes_only(cfg, world: str | None) -> dict:
+    """``prepare`` of a study whose reader is the shapes oracle: other models are refused before loading."""
+    if world != "shapes":
+        raise ConfigError(f"sweep.name={cfg.sweep.name!r} reads images with the shapes oracle; model.path={cfg.model.path!r} "
+                          "is not a shapes-world model (use model=shapes)")
+    return {}
+
+
+def module_of(node) -> ModuleType:
+    """The module of a study node's ``_target_`` (``negstudy.studies.removal.run`` -> the removal module)."""
+    target = str(node["_target_"])
+    module = target.rsplit(".", 1)[0]
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ConfigError(f"sweep.study._target_={target!r}: its module does not import ({err})") from None
+
+
+def modules(targets: Iterable[str] = ()) -> list[ModuleType]:
+    """This package's study modules, then the modules of ``targets`` (studies kept elsewhere), once each."""
+    names = [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    names += [t.rsplit(".", 1)[0] for t in targets]
+    return [importlib.import_module(n) for n in dict.fromkeys(names)]
+
+
+def reports(targets: Iterable[str] = ()) -> list[tuple[str, StudyReport]]:
+    """(module name, REPORT) of every study module that has one (see :func:`modules`)."""
+    return [(m.__name__, m.REPORT) for m in modules(targets) if getattr(m, "REPORT", None) is not None]
+
+
+def job_targets(root: Path) -> list[str]:
+    """``sweep.study._target_`` of every job config below ``root`` (a run or a sweep directory)."""
+    import yaml
+
+    found = []
+    for path in sorted(Path(root).rglob("config.yaml")):
+        if {"report", ".hydra"} & set(path.relative_to(root).parts):
+            continue
+        try:
+            cfg = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        target = ((cfg.get("sweep") or {}).get("study") or {}).get("_target_") if isinstance(cfg, dict) else None
+        if target:
+            found.append(str(target))
+    return found
+
+
+def prepared(module: ModuleType, cfg, world: str | None) -> dict[str, Any]:
+    """The study's ``prepare(cfg, world)``, or nothing when it has none."""
+    prepare = getattr(module, "prepare", None)
+    return prepare(cfg, world) if prepare is not None else {}

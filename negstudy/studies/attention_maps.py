@@ -20,6 +20,7 @@ from negstudy import figures
 from negstudy.datasets import pairs_of
 from negstudy.records import slug, write_table
 from negstudy.sampler import NegativeSampler
+from negstudy.studies import StudyReport, Summary, shapes_only
 
 THRESHOLD = 0.5  # mass inside the object's region: more than half of the word's attention
 
@@ -36,3 +37,18 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     write_table(frame.drop(columns="heat", errors="ignore"), out_dir / "attention_windows.parquet")
     return {"attention_windows": frame.drop(columns="heat", errors="ignore"), "heatmaps": frame}
+
+
+prepare = shapes_only  # the grids' regions come from the shapes oracle
+
+
+def track(tracker, tables: dict[str, pd.DataFrame], out_dir: Path, cfg) -> None:
+    """W&B: the attention heat maps as an image table."""
+    heat = tables.get("heatmaps")
+    if heat is not None and not heat.empty:
+        tracker.image_table("attention_heatmaps", heat, ["heat"])
+
+
+# the grids are PNGs below the job, which the report shows as they are
+REPORT = StudyReport(tables=("attention_windows",), summarise=lambda tables, out, variant: Summary(), track=track)
+

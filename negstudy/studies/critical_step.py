@@ -36,6 +36,7 @@ from negstudy.attention import AttentionRecorder, mass_in_mask
 from negstudy.datasets import pairs_of
 from negstudy.figures import positive_word_of, save_word_maps
 from negstudy.records import save_png, slug, to_uint8, write_table
+from negstudy.studies import StudyReport, Summary, shapes_only
 from negstudy.sampler import Batch, KeepStates, NegativeSampler
 from negstudy.schedules import FromStep, Never
 from negstudy.evaluators.ensemble import concept_present, study_reader
@@ -166,3 +167,69 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     for name, frame in tables.items():
         write_table(frame, out_dir / f"{name}.parquet")
     return tables
+
+
+prepare = shapes_only  # the study's reader is the shapes oracle (ensemble)
+
+
+def summarise(tables: dict[str, pd.DataFrame], out: Path, variant: str) -> Summary:
+    """Critical steps (strength ratio and attention) and removal against the start step, pooled over jobs."""
+    from negstudy.tables import _figure_ratio, _figure_removal, _png, critical_steps, critical_table, removal_vs_start
+
+    ratio, removal, attention, screen = (tables[k] for k in ("ratio", "removal", "attention", "screen"))
+    crit = critical_steps(ratio, attention, variant, screen=screen) if not ratio.empty else pd.DataFrame()
+    summary = Summary(page={"ratio": ratio, "removal": removal, "crit": crit, "screen": screen})
+    if not crit.empty:
+        write_table(crit, out / "critical_steps.parquet")
+        crit.to_csv(out / "critical_steps.csv", index=False)
+        summary.figures["ratio"] = _png(_figure_ratio(ratio, crit, variant), out / "ratio_curves.png")
+        summary.sections.append(("Critical steps", critical_table(crit)))
+    rem = removal_vs_start(removal) if not removal.empty else pd.DataFrame()
+    if not rem.empty:
+        rem.to_csv(out / "removal_vs_start.csv", index=False)
+        summary.figures["removal"] = _png(_figure_removal(rem), out / "removal_vs_start.png")
+        summary.sections.append(("Removal against start step", rem))
+    return summary
+
+
+def _step(x) -> str:
+    return "never" if x is None or pd.isna(x) else str(int(x))
+
+
+def lines(out: Path) -> list[str]:
+    """One line per category: the critical step with its CI, and where attention finds the concept."""
+    from negstudy.critical import HIT_LIFT
+
+    path = Path(out) / "critical_steps.parquet"
+    if not path.exists():
+        return []
+    crit = pd.read_parquet(path)
+    found = []
+    for row in crit[crit.level == "category"].itertuples():
+        line = (f"critical step, {row.category} negatives: {_step(row.critical_step)} "
+                f"(95 % CI {_step(row.ci_low)}..{_step(row.ci_high)}, {row.n_pairs} pairs x {row.n_pair_seeds} pair-seeds, "
+                f"rule {row.rule}, peak ratio {row.peak_ratio:.3f})")
+        if "attention_step_mean" in crit and pd.notna(row.attention_step_mean):
+            line += f"; the negative word's attention reaches the concept's region at step {row.attention_step_mean:.1f} on average"
+        elif "attention_n" in crit and row.attention_n > 0:
+            line += (f"; the negative word's attention never concentrates on the concept's region "
+                     f"(lift >= {HIT_LIFT:g}) in {int(row.attention_n)} pair-seeds")
+        found.append(line)
+    return found
+
+
+def track(tracker, tables: dict[str, pd.DataFrame], out_dir: Path, cfg: DictConfig) -> None:
+    """W&B: the mean strength-ratio curve per category, and each category's critical step."""
+    ratio = tables.get("ratio")
+    if ratio is not None and not ratio.empty:
+        curves = (ratio[ratio.variant == cfg.sweep.variant].groupby(["step", "category"]).ratio.mean()
+                  .unstack("category").add_prefix("ratio/").reset_index())
+        tracker.curves(curves, "step", [c for c in curves if c != "step"])
+    crit = Path(out_dir) / "report" / "critical_steps.parquet"
+    if crit.exists():
+        c = pd.read_parquet(crit)
+        tracker.summary(**{f"critical_step/{r.category}": (None if pd.isna(r.critical_step) else int(r.critical_step))
+                           for r in c[c.level == "category"].itertuples()})
+
+
+REPORT = StudyReport(tables=("ratio", "removal", "attention", "screen"), summarise=summarise, lines=lines, track=track)

@@ -91,13 +91,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from negstudy.critical import bootstrap_ci
 from negstudy.datasets import pairs_of
 from negstudy.records import to_uint8, write_table
 from negstudy.sampler import Batch, Hook, NegativeSampler, StepState
 from negstudy.schedules import Always, Never
 from negstudy.shapes import world
 from negstudy.evaluators.ensemble import concept_present, study_reader
+from negstudy.studies import shapes_only
+from negstudy.tables import summarize  # noqa: F401 - the curves' means and bands, importable from here as before
 
 log = logging.getLogger("negstudy")
 
@@ -433,27 +434,6 @@ def paper_energy_barrier(sampler: NegativeSampler, z_bg: torch.Tensor, z_obj: to
 # ----------------------------------------------------------------------------- summaries
 
 
-def summarize(df: pd.DataFrame, x: str, value: str, units: Sequence[str], by: Sequence[str] = (),
-              n_boot: int = 1000, ci: float = 0.95) -> pd.DataFrame:
-    """Mean curve of ``value`` against ``x`` with a percentile-bootstrap band over ``units``.
-
-    units: the columns naming one independent curve (e.g. pair and seed); curves are resampled
-    whole (:func:`negstudy.critical.bootstrap_ci`). by: columns giving separate curves.
-    Returns by..., x, mean, low, high, n (the number of units).
-    """
-    frames = []
-    groups = df.groupby(list(by)) if by else [((), df)]
-    for key, g in groups:
-        mat = g.pivot_table(index=list(units), columns=x, values=value, aggfunc="mean", dropna=False)
-        mean, low, high = bootstrap_ci(mat.to_numpy(), n_boot=n_boot, ci=ci)
-        frame = pd.DataFrame({x: mat.columns.to_numpy(), "mean": mean, "low": low, "high": high,
-                              "n": mat.notna().sum(axis=0).to_numpy()})
-        for col, v in zip(by, key if isinstance(key, tuple) else (key,)):
-            frame.insert(0, col, v)
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
-
-
 # ----------------------------------------------------------------------------- the driver
 
 
@@ -490,6 +470,9 @@ def _object_region(reading, negative: str) -> tuple[bool, np.ndarray | None]:
 def _setting(cfg: DictConfig, key: str, default):
     value = OmegaConf.select(cfg, f"mechanisms.{key}", default=default)
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+prepare = shapes_only  # the regions come from the shapes oracle
 
 
 def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, pd.DataFrame]:

@@ -83,14 +83,17 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from negstudy.attention import AttentionRecorder, mass_in_mask
+from negstudy.attention import AttentionRecorder
+from negstudy.critical import maps_hit_step
 from negstudy.datasets import captions_of
-from negstudy.evaluators import Evaluator, make_evaluator
+from negstudy.errors import ConfigError
+from negstudy.evaluators import Evaluator
 from negstudy.labels import label_set
 from negstudy.metrics import background_scores
-from negstudy.records import save_png, slug, to_uint8, write_table, write_text
+from negstudy.records import save_png, strip_name, to_uint8, write_table, write_text
 from negstudy.sampler import Batch, Hook, KeepStates, NegativeSampler, Snapshot
 from negstudy.schedules import Always, Never, StepPlan, Window
+from negstudy.studies import StudyReport, Summary
 
 log = logging.getLogger("negstudy")
 METHODS = ("from0", "window", "adaptive")
@@ -196,20 +199,14 @@ def labels_for(cfg: DictConfig, world: str | None) -> tuple[str, ...]:
 
 def critical_step(neg_maps: np.ndarray, mask: np.ndarray | None, hit_lift: float) -> int | None:
     """First step whose map (steps, h, w) puts ``hit_lift`` x the region's share of its mass in ``mask``."""
-    if mask is None or not mask.any():
-        return None
-    share = float(mask.mean())
-    for step, heat in enumerate(neg_maps):
-        if np.isfinite(heat).all() and mass_in_mask(heat, mask) >= hit_lift * share:
-            return step
-    return None
+    return maps_hit_step(neg_maps, mask, hit_lift)
 
 
 def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, evaluator: Evaluator | None = None,
         world: str | None = None) -> dict[str, pd.DataFrame]:
     r = cfg.removal
     n = sampler.n_calls
-    evaluator = evaluator or make_evaluator(cfg.evaluator, world)
+    evaluator = evaluator or prepare(cfg, world)["evaluator"]
     labels = labels_for(cfg, world)
     window = (scale(r.window[0], r.window_of, n), scale(r.window[1], r.window_of, n))
     fallback = scale(r.fallback_start, r.window_of, n)
@@ -446,12 +443,79 @@ def _run_jobs(sampler: NegativeSampler, jobs: list[Job], max_rows: int, rows_per
             after(part, images, extra)
 
 
-def strip_name(caption: int, prompt: str, seed: int, obj: str) -> str:
-    return f"{caption:03d}_{slug(prompt)}_s{seed}_{slug(obj, 20)}.png"
-
-
 def _judge_removed(evaluator: Evaluator, part: list[Target], methods, present_of=None, paper: bool = False) -> None:
     pairs = [(t, m) for t in part for m in methods]
     verdicts = (present_of or evaluator.present)(np.stack([t.images[m] for t, m in pairs]), [t.object for t, _ in pairs])
     for (t, m), present in zip(pairs, verdicts):
         t.rows[m]["removed"] = paper_removed(present) if paper else (None if present is None else not present)
+
+
+def check(cfg: DictConfig) -> None:
+    """The removal settings (``cfg.removal``), before any model loads."""
+    r = cfg.removal
+    if len(r.window) != 2 or not 0 <= r.window[0] <= r.window[1] < r.window_of:
+        raise ConfigError(f"removal.window={list(r.window)}: give [start, end] with 0 <= start <= end < removal.window_of={r.window_of}")
+    if not 0 <= r.fallback_start < r.window_of:
+        raise ConfigError(f"removal.fallback_start={r.fallback_start}: must be in 0..{r.window_of - 1}")
+    if r.protocol not in PROTOCOLS:
+        raise ConfigError(f"removal.protocol={r.protocol!r}: allowed values are {', '.join(PROTOCOLS)}")
+    for key in ("length", "extend", "max_objects"):
+        if r[key] < 1:
+            raise ConfigError(f"removal.{key}={r[key]}: must be >= 1")
+    if r.max_regenerations < 0:
+        raise ConfigError(f"removal.max_regenerations={r.max_regenerations}: must be >= 0")
+    if r.labels is not None:
+        label_set(r.labels, "removal.labels")
+
+
+def prepare(cfg: DictConfig, world: str | None) -> dict:
+    """Any model; the evaluator is built (and checked) before the model loads."""
+    from negstudy.checks import build
+
+    return {"evaluator": build(cfg.evaluator, "evaluator", world=world), "world": world}
+
+
+def summarise(tables: dict[str, pd.DataFrame], out: Path, variant: str) -> Summary:
+    """The removal table per dataset and method (from-0, fixed window, adaptive) and its figures."""
+    from negstudy.report_html import fig_examples
+    from negstudy.tables import _figure_methods, _png, removal_methods
+
+    targets = tables["removal_targets"]
+    if targets.empty:  # the originals showed no object to remove
+        return Summary()
+    methods = removal_methods(targets)
+    write_table(methods, out / "removal_methods.parquet")
+    methods.to_csv(out / "removal_methods.csv", index=False)
+    summary = Summary(sections=[("Object removal: negative from step 0, fixed window, adaptive window", methods)])
+    summary.figures["removal_methods"] = _png(_figure_methods(methods), out / "removal_methods.png")
+    examples = fig_examples(Path(out).parent, targets, 6)  # original | from-0 | window | adaptive, from the jobs' strips
+    if examples is not None:
+        summary.figures["removal_examples"] = _png(examples, out / "removal_examples.png")
+    return summary
+
+
+def lines(out: Path) -> list[str]:
+    """One line per dataset and method: removal rate with its CI, vs from-0, preference, background."""
+    from negstudy.tables import METHOD_NAMES
+
+    path = Path(out) / "removal_methods.parquet"
+    if not path.exists():
+        return []
+    found = []
+    for row in pd.read_parquet(path).itertuples():
+        line = (f"removal, {row.dataset}, {row.method}: {row.removed:.0%} (95 % CI {row.ci_low:.0%}..{row.ci_high:.0%}, "
+                f"{getattr(row, 'n_captions', '?')} captions x {row.objects} objects)")
+        if row.method != METHOD_NAMES["from0"]:
+            line += f", {row.vs_from0:.0%} of from-0's rate"
+            if pd.notna(getattr(row, "preferred", np.nan)):
+                line += f", preferred to from-0 in {row.preferred:.0%} ({row.preference_by})"
+        if pd.notna(getattr(row, "psnr_out", np.nan)):
+            line += f", PSNR outside {row.psnr_out:.1f} dB"
+        if pd.notna(getattr(row, "substituted", np.nan)):
+            line += f", another object appeared in {row.substituted:.0%}"
+        found.append(line)
+    return found
+
+
+REPORT = StudyReport(tables=("removal_targets", "originals"), summarise=summarise, lines=lines)
+

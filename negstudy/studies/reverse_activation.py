@@ -23,6 +23,7 @@ from negstudy.datasets import pairs_of
 from negstudy.records import save_png, slug, to_uint8, write_table
 from negstudy.sampler import Batch, NegativeSampler
 from negstudy.schedules import FirstK, Never
+from negstudy.studies import StudyReport, Summary, shapes_only
 from negstudy.evaluators.ensemble import concept_present, study_reader
 
 
@@ -57,3 +58,34 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     for name, frame in tables.items():
         write_table(frame, out_dir / f"{name}.parquet")
     return tables
+
+
+prepare = shapes_only  # the study's reader is the shapes oracle (ensemble)
+
+
+def summarise(tables: dict[str, pd.DataFrame], out: Path, variant: str) -> Summary:
+    """Per k, the rate at which the negative's object appears (pooled over jobs)."""
+    from negstudy.tables import _figure_rates, _png, reverse_activation
+
+    rev = reverse_activation(tables["reverse"])
+    rev.to_csv(out / "reverse_activation.csv", index=False)
+    figure = _png(_figure_rates(rev, "k", "appears", "k: the negative in steps 0..k-1 only", "object appears",
+                                "Reverse activation"), out / "reverse_activation.png")
+    return Summary(sections=[("Reverse activation", rev)], figures={"reverse": figure})
+
+
+def lines(out: Path) -> list[str]:
+    path = Path(out) / "reverse_activation.csv"
+    if not path.exists():
+        return []
+    rev = pd.read_csv(path)
+    if rev.empty:
+        return []
+    top = rev.loc[rev.appears.idxmax()]
+    return [f"reverse activation: the object appears in {top.appears:.0%} (95 % CI {top.ci_low:.0%}..{top.ci_high:.0%}, "
+            f"{int(top.n_pairs)} pairs x {int(top.n_pair_seeds)} pair-seeds) at k={int(top.k)}; "
+            f"without the negative (k=0) in {rev.appears.iloc[0]:.0%}"]
+
+
+REPORT = StudyReport(tables=("reverse",), summarise=summarise, lines=lines)
+
