@@ -20,7 +20,9 @@ A study module exports
   and prints its tables, and what the job logs to W&B.
 
 Nothing else names a study: ``python -m negstudy`` and ``negstudy.report`` find them from the
-config (``sweep.study._target_``) and, for a directory of bare tables, among this package's modules.
+jobs' configs (``sweep.study._target_``), or, for a directory of bare tables (no job config), among
+this package's modules. The report pools a table over every ``<name>.parquet`` below the run
+directory, so a study's table names must be its own (another study's ``ratio`` would be pooled too).
 """
 
 from __future__ import annotations
@@ -80,14 +82,16 @@ def module_of(node) -> ModuleType:
 
 
 def modules(targets: Iterable[str] = ()) -> list[ModuleType]:
-    """This package's study modules, then the modules of ``targets`` (studies kept elsewhere), once each."""
-    names = [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
-    names += [t.rsplit(".", 1)[0] for t in targets]
+    """The modules of ``targets`` (the studies a run's configs name), once each; without targets
+    (a directory of bare tables), every study module of this package."""
+    names = [t.rsplit(".", 1)[0] for t in targets]
+    if not names:
+        names = [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
     return [importlib.import_module(n) for n in dict.fromkeys(names)]
 
 
 def reports(targets: Iterable[str] = ()) -> list[tuple[str, StudyReport]]:
-    """(module name, REPORT) of every study module that has one (see :func:`modules`)."""
+    """(module name, REPORT) of every study module of :func:`modules` that has one."""
     return [(m.__name__, m.REPORT) for m in modules(targets) if getattr(m, "REPORT", None) is not None]
 
 
