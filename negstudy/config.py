@@ -9,7 +9,7 @@ is a display label (tables, reports, W&B), never a constructor argument.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -44,34 +44,6 @@ class DatasetConfig:
     limit: Optional[int] = None
     shard: int = 0  # this job takes items shard, shard + shards, ... (after limit): a multirun axis
     shards: int = 1
-
-
-@dataclass
-class ScheduleConfig:
-    _target_: str = MISSING  # a negstudy.schedules.Schedule subclass (or any class with .plan(n_calls))
-    name: str = MISSING
-
-
-@dataclass
-class FromStepConfig(ScheduleConfig):
-    start: Union[int, float] = 0
-
-
-@dataclass
-class FirstKConfig(ScheduleConfig):
-    k: Union[int, float] = 0
-
-
-@dataclass
-class WindowConfig(ScheduleConfig):
-    start: Union[int, float] = 0
-    end: Union[int, float] = 0
-
-
-@dataclass
-class InjectConfig(ScheduleConfig):
-    steps: list[Union[int, float]] = field(default_factory=list)
-    g: float = 10.0
 
 
 @dataclass
@@ -179,7 +151,7 @@ class AttentionConfig:
 class NegstudyConfig:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
-    schedule: Any = MISSING
+    schedule: Any = MISSING  # {_target_: a negstudy.schedules.Schedule, name, its parameters}: checked by negstudy.checks
     guidance: Any = None  # a guider (negstudy.guidance), built by hydra.utils.instantiate from its _target_; null = cfg
     evaluator: Any = MISSING  # one of the evaluator schemas: EvaluatorConfig, JudgeConfig, ClipConfig, OwlConfig
     logger: LoggerConfig = MISSING
@@ -214,12 +186,3 @@ def register_configs() -> None:
     cs.store(group="evaluator", name="owl_schema", node=OwlConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     cs.store(group="sweep", name="sweep_schema", node=SweepConfig)
-    for name, node in [
-        ("never", ScheduleConfig),
-        ("always", ScheduleConfig),
-        ("from_step", FromStepConfig),
-        ("first_k", FirstKConfig),
-        ("window", WindowConfig),
-        ("inject", InjectConfig),
-    ]:
-        cs.store(group="schedule", name=f"{name}_schema", node=node)

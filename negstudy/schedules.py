@@ -168,7 +168,8 @@ class Inject(Schedule):
     g: float = 10.0
 
     def __post_init__(self):
-        object.__setattr__(self, "steps", tuple(self.steps))  # a YAML list, hashable and printed as the tuple it is
+        steps = self.steps if isinstance(self.steps, (list, tuple)) else (self.steps,)  # one step may be given bare
+        object.__setattr__(self, "steps", tuple(steps))  # a YAML list, hashable and printed as the tuple it is
 
     def steps_with_negative(self, n):
         return np.zeros(n, bool)
@@ -176,6 +177,8 @@ class Inject(Schedule):
     def plan(self, n):
         if not self.steps:
             raise ScheduleError("schedule.steps=[]: inject needs at least one step")
+        if isinstance(self.g, bool) or not isinstance(self.g, (int, float)):
+            raise ScheduleError(f"schedule.g={self.g!r}: the injection gain must be a number")
         if self.g == 0:
             raise ScheduleError("schedule.g=0: the injection gain must be non-zero (positive removes, negative adds)")
         inject = np.zeros(n)

@@ -59,7 +59,7 @@ def test_types_are_checked_by_the_schema(hydra_ctx):
     with pytest.raises((ConfigCompositionException, ValidationError)):
         cfg_of("steps=many")
     with pytest.raises((ConfigCompositionException, ValidationError)):
-        cfg_of("schedule=window", "schedule.start=soon")
+        cfg_of("evaluator=judge", "evaluator.concurrency=many")
 
 
 @pytest.mark.parametrize(
@@ -85,6 +85,9 @@ def test_types_are_checked_by_the_schema(hydra_ctx):
         (["schedule=window", "schedule.start=5", "schedule.end=31"], "schedule.end=31: a step index must be in [0, 30]"),
         (["schedule=from_step", "schedule.start=1.5"], "schedule.start=1.5: a fraction of the loop must be in [0, 1]"),
         (["schedule=first_k", "schedule.k=-2"], "schedule.k=-2"),
+        (["schedule=window", "schedule.start=soon"], "schedule.start='soon': expected a step index (int) or a fraction"),
+        (["schedule=window", "+schedule.begin=3"], "schedule.begin: not a parameter of negstudy.schedules.Window (allowed: start, end)"),
+        (["schedule=inject", "schedule.g=strong"], "schedule.g='strong': the injection gain must be a number"),
         (["logger.mode=sometimes"], "logger.mode='sometimes': allowed values are offline, online, disabled"),
         (["record=[attention_everything]"], "record='attention_everything': allowed values are eps, latents"),
         (["schedule._target_=negstudy.schedules.Sometimes"], "schedule._target_='negstudy.schedules.Sometimes': does not import"),
