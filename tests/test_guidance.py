@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from negstudy.errors import ConfigError
 from negstudy.guidance import APG, CFG, DNG, NAG, TCFG, PerpNeg, from_config
 from negstudy.sampler import Batch, Hook, NegativeSampler
-from negstudy.schedules import Always, FromStep, Never
+from negstudy.schedules import Always, FirstK, FromStep, Inject, Never, Window
 from negstudy.tiny import tiny_pipeline
 
 PROMPT, NEG = "a cat on the grass", "dog"
@@ -138,14 +138,17 @@ def test_apg_without_rescale_and_with_eta_one_is_cfg_and_tcfg_runs(pipe):
 
 
 @pytest.mark.parametrize("name", ["cfg", "perp_neg", "nag", "dng", "apg", "tcfg"])
-def test_every_guider_gives_the_same_images_with_shared_prefixes(pipe, name):
+def test_every_guider_with_every_schedule_gives_the_same_images_with_shared_prefixes(pipe, name):
+    """Any guider x any schedule (WHEN x HOW), sharing prefixes in one call: the images of separate runs."""
     guider = from_config(OmegaConf.load(f"conf/guidance/{name}.yaml"))
     sampler = NegativeSampler(pipe, steps=5, guider=guider)
-    plans = [FromStep(k).plan(sampler.n_calls) for k in (0, 2, 4)]
-    shared = sampler.generate(Batch([PROMPT] * 3, [NEG] * 3, [5] * 3, plans))
+    n = sampler.n_calls
+    schedules = [FromStep(0), FromStep(2), Window(1, 3), FirstK(2), Inject((2,), g=5.0), Never()]
+    plans = [sc.plan(n) for sc in schedules]
+    shared = sampler.generate(Batch([PROMPT] * len(plans), [NEG] * len(plans), [5] * len(plans), plans))
     alone = np.concatenate([sampler.generate(Batch([PROMPT], [NEG], [5], [p])) for p in plans])
     assert np.abs(shared - alone).max() < 1e-5
-    assert np.abs(shared[0] - shared[2]).max() > 1e-4  # the negative acted
+    assert np.abs(shared[0] - shared[-1]).max() > 1e-4  # the negative acted
 
 
 def test_step_table_logs_the_direction_the_guider_used(pipe):
@@ -188,3 +191,23 @@ def test_bad_guidance_config_is_one_line_naming_the_key():
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")) as err:
             from_config(OmegaConf.create(node))
         assert "\n" not in str(err.value)
+
+
+def test_guidance_from_the_command_line(tmp_path):
+    """``guidance=dng schedule=window`` as a user types it: the step table logs DNG's direction."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "negstudy", "guidance=dng", "schedule=window", "schedule.start=1",
+                           "schedule.end=3", "steps=4", "seeds=[0]", "dataset.limit=1", "logger=none", "evaluator=none",
+                           f"hydra.run.dir={out}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = pd.read_parquet(out / "steps.parquet")
+    assert steps.branch.tolist() == ["empty", "negative", "negative", "negative", "empty"]
+    assert (steps.guidance_norm > 0).all()
+    bad = subprocess.run([sys.executable, "-m", "negstudy", "guidance=dng", "guidance.prior=0.9", "logger=none",
+                          f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "guidance.prior=0.9" in bad.stderr
