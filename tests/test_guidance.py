@@ -211,3 +211,19 @@ def test_guidance_from_the_command_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "negstudy", "guidance=dng", "guidance.prior=0.9", "logger=none",
                           f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "guidance.prior=0.9" in bad.stderr
+
+
+def test_the_readmes_guider_example_plugs_in(pipe, tmp_path, monkeypatch):
+    """The README's worked example, as written there: one module plus its YAML node."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(import torch\n\nfrom negstudy.guidance import Guidance, Guider.*?)```", readme, re.S).group(1)
+    (tmp_path / "scaled_neg.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    guider = from_config(OmegaConf.create({"_target_": "scaled_neg.ScaledNegative", "c": 2.0}))
+    _, states, _ = run(pipe, guider, steps=4)
+    for st in states:
+        pos, neg, empty = f64(st.eps["positive"]), f64(st.eps["negative"]), f64(st.eps["empty"])
+        assert torch.allclose(f64(st.guided), empty + 7.5 * (pos - empty) - 2.0 * (neg - empty), atol=1e-5)
