@@ -117,3 +117,47 @@ def prepared(module: ModuleType, cfg, world: str | None) -> dict[str, Any]:
     """The study's ``prepare(cfg, world)``, or nothing when it has none."""
     prepare = getattr(module, "prepare", None)
     return prepare(cfg, world) if prepare is not None else {}
+
+
+# ----------------------------------------------------------------------------- seed screening
+
+
+@dataclass
+class Screened:
+    """One screened (prompt, negative, seed): the image WITHOUT the negative and what the reader says."""
+
+    image: Any  # uint8 (H, W, 3)
+    reading: Any  # the study reader's reading (negstudy.evaluators.ensemble.Reading)
+    present: bool | None  # the negative's concept appears (None: the reader is unsure; counted, never guessed)
+    region: Any  # bool (H, W) region of the concept where it is an object surely present, else None
+
+
+def screen_without_negative(sampler, read, prompts, negatives, seeds, chunk: int, hooks=None, desc: str = "screen (no negative)") -> list[Screened]:
+    """Seed screening, written once for every study: does the negative's concept appear WITHOUT the
+    negative? Each (prompt, negative, seed) is generated under the ``never`` schedule (plain CFG with
+    the empty prompt; the negative is not used), read by ``read`` (images -> readings) and judged
+    by :func:`negstudy.evaluators.ensemble.concept_present`. ``chunk`` images per sampler call (and
+    per read); ``hooks(start, n)`` gives the hooks of the call that makes items start..start+n-1
+    (e.g. :class:`negstudy.sampler.KeepStates`). Returns one :class:`Screened` per item, in order."""
+    from tqdm.auto import tqdm
+
+    from negstudy.evaluators.ensemble import concept_present
+    from negstudy.records import to_uint8
+    from negstudy.sampler import Batch
+    from negstudy.schedules import Never
+
+    never = Never().plan(sampler.n_calls)
+    prompts, negatives, seeds = list(prompts), list(negatives), [int(s) for s in seeds]
+    chunk = max(1, int(chunk))
+    found = []
+    with tqdm(total=len(prompts), desc=desc, unit="img", leave=False) as bar:
+        for start in range(0, len(prompts), chunk):
+            part = slice(start, start + chunk)
+            batch = Batch(prompts[part], negatives[part], seeds[part], [never] * len(seeds[part]))
+            images = to_uint8(sampler.generate(batch, hooks(start, len(seeds[part])) if hooks else ()))
+            for image, reading, negative in zip(images, read(images), negatives[part]):
+                present, region = concept_present(reading, negative)
+                found.append(Screened(image, reading, present, region))
+            bar.update(len(images))
+    return found
+

@@ -36,9 +36,9 @@ from negstudy.attention import AttentionRecorder, mass_in_mask
 from negstudy.datasets import pairs_of
 from negstudy.figures import positive_word_of, save_word_maps
 from negstudy.records import save_png, slug, to_uint8, write_table
-from negstudy.studies import StudyReport, Summary, shapes_only
+from negstudy.studies import StudyReport, Summary, screen_without_negative, shapes_only
 from negstudy.sampler import Batch, KeepStates, NegativeSampler
-from negstudy.schedules import FromStep, Never
+from negstudy.schedules import FromStep
 from negstudy.evaluators.ensemble import concept_present, study_reader
 from negstudy.shapes.quality import psnr_outside
 
@@ -55,7 +55,6 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     n = sampler.n_calls
     starts = list(range(0, n, sw.stride)) + [n]  # k = n: the negative never applies
     delayed = [k for k in starts if 0 < k < n]  # continued from the screened trajectory at step k
-    never = Never().plan(n)
     pairs = pairs_of(cfg.dataset)
     screen_seeds = list(range(sw.screen_seeds))
     maps_kind = OmegaConf.select(cfg, "attention.maps", default="negstudy")  # daam: the author's maps as well
@@ -68,20 +67,21 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     found: dict[int, list[tuple[int, bool]]] = {p: [] for p in range(len(pairs))}
     plain, states, positive_region = {}, {}, {}
     items = [(p, seed) for p in range(len(pairs)) for seed in screen_seeds]
-    bar = tqdm(total=len(items), desc="screen (no negative)", unit="img")
-    for part in _chunks(items, cfg.batch_size):
-        keep = KeepStates(delayed)
-        batch = Batch([pairs[p].prompt for p, _ in part], [pairs[p].negative for p, _ in part],
-                      [seed for _, seed in part], [never] * len(part))
-        images = to_uint8(sampler.generate(batch, [keep]))
-        for j, ((p, seed), image, reading) in enumerate(zip(part, images, read(images))):
-            present, region = concept_present(reading, pairs[p].negative)
-            word = positive_word_of(pairs[p].prompt)  # its own region: Figures 1/4 compare the two words' arrival
-            positive_region[(p, seed)] = reading.masks.get(word) if reading.objects.get(word) else None
-            found[p].append((seed, present))
-            plain[(p, seed)], states[(p, seed)] = (image, present, region), keep.states.get(j, {})
-        bar.update(len(part))
-    bar.close()
+    keeps: dict[int, KeepStates] = {}  # first item of a sampler call -> the states it kept
+
+    def keep_states(start: int, count: int) -> list:
+        keeps[start] = KeepStates(delayed)
+        return [keeps[start]]
+
+    chunk = max(1, cfg.batch_size)
+    results = screen_without_negative(sampler, read, [pairs[p].prompt for p, _ in items],
+                                      [pairs[p].negative for p, _ in items], [seed for _, seed in items], chunk, keep_states)
+    for i, ((p, seed), s) in enumerate(zip(items, results)):
+        word = positive_word_of(pairs[p].prompt)  # its own region: Figures 1/4 compare the two words' arrival
+        positive_region[(p, seed)] = s.reading.masks.get(word) if s.reading.objects.get(word) else None
+        found[p].append((seed, s.present))
+        plain[(p, seed)] = (s.image, s.present, s.region)
+        states[(p, seed)] = keeps[i - i % chunk].states.get(i % chunk, {})
     screened = {}
     for p, seeds in found.items():
         present = [s for s, ok in seeds if ok][: sw.max_seeds]

@@ -97,7 +97,7 @@ from negstudy.sampler import Batch, Hook, NegativeSampler, StepState
 from negstudy.schedules import Always, Never
 from negstudy.shapes import world
 from negstudy.evaluators.ensemble import concept_present, study_reader
-from negstudy.studies import shapes_only
+from negstudy.studies import screen_without_negative, shapes_only
 from negstudy.tables import summarize  # noqa: F401 - the curves' means and bands, importable from here as before
 
 log = logging.getLogger("negstudy")
@@ -515,9 +515,10 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     # 1. without the negative: the object's region per (pair, seed), screening extra seeds if asked
     seeds = list(dict.fromkeys(int(s) for s in cfg.seeds))
     candidates = [(p, s) for p in range(len(pairs)) for s in dict.fromkeys(seeds + list(range(screen_seeds)))]
-    screen_images = _generate(plain, [pairs[p].prompt for p, _ in candidates], [s for _, s in candidates], 2 * chunk)
-    found = {c: _object_region(v, pairs[c[0]].negative) for c, v in zip(candidates, read(screen_images))}
-    image_without = dict(zip(candidates, screen_images))
+    screened = screen_without_negative(plain, read, [pairs[p].prompt for p, _ in candidates],
+                                       [pairs[p].negative for p, _ in candidates], [s for _, s in candidates], 2 * chunk)
+    found = {c: _object_region(s.reading, pairs[c[0]].negative) for c, s in zip(candidates, screened)}
+    image_without = {c: s.image for c, s in zip(candidates, screened)}
     items = [(p, s) for p in range(len(pairs)) for s in seeds]
     for p in range(len(pairs)):
         extra = [s for s in range(screen_seeds) if s not in seeds and found[(p, s)][0]][:max_extra]

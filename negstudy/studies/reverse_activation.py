@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from negstudy.datasets import pairs_of
 from negstudy.records import save_png, slug, to_uint8, write_table
 from negstudy.sampler import Batch, NegativeSampler
-from negstudy.schedules import FirstK, Never
-from negstudy.studies import StudyReport, Summary, shapes_only
+from negstudy.schedules import FirstK
+from negstudy.studies import StudyReport, Summary, screen_without_negative, shapes_only
 from negstudy.evaluators.ensemble import concept_present, study_reader
 
 
@@ -37,9 +37,8 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     reader_name, read = study_reader(cfg.get("evaluator"))
     for p, pair in enumerate(tqdm(pairs, desc="pairs", unit="pair")):
         seeds = list(range(sw.screen_seeds))
-        never = Never().plan(n)
-        images = to_uint8(sampler.generate(Batch([pair.prompt] * len(seeds), [pair.negative] * len(seeds), seeds, [never] * len(seeds))))
-        states = [concept_present(r, pair.negative)[0] for r in read(images)]
+        screened = screen_without_negative(sampler, read, [pair.prompt] * len(seeds), [pair.negative] * len(seeds), seeds, len(seeds))
+        states = [s.present for s in screened]
         absent = [s for s, state in zip(seeds, states) if state is False]
         screen.append({"pair": p, "prompt": pair.prompt, "negative": pair.negative, "screened": len(seeds), "absent": len(absent),
                        "unsure": sum(state is None for state in states), "reader": reader_name})
