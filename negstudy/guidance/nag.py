@@ -10,7 +10,9 @@ negative at this step, the attention output with the prompt, Z+, and with the ne
 
 The noise prediction is then plain CFG with the empty prompt on that modified positive branch:
 ``eps = eps_empty + s (eps_pos^NAG - eps_empty)``; no negative UNet branch is computed. Defaults
-(phi 5, tau 2.5, alpha 0.25) are the authors' published ones.
+(phi 5, tau 2.5, alpha 0.25) are the authors' published ones. ``observe_negative``: also compute the
+negative UNet branch on those steps, unused by the image, so attention recorders (the strength
+ratio) see the negative prompt's own attention on NAG's trajectory.
 
 Implementation: forward pre-hooks on each cross-attention module (``attn2``) and on its output
 projection ``to_out[0]``, so NAG composes with any attention processor, including negstudy's
@@ -29,13 +31,15 @@ from negstudy.guidance.base import GuideInput, Guidance, Guider
 class NAG(Guider):
     name = "nag"
 
-    def __init__(self, phi: float = 5.0, tau: float = 2.5, alpha: float = 0.25):
+    def __init__(self, phi: float = 5.0, tau: float = 2.5, alpha: float = 0.25, observe_negative: bool = False):
         super().__init__()
         if phi < 1:
             raise ConfigError(f"guidance.phi={phi}: must be >= 1 (1: no extrapolation)")
         if tau <= 0 or not 0 <= alpha <= 1:
             raise ConfigError(f"guidance.tau={tau}, guidance.alpha={alpha}: need tau > 0 and 0 <= alpha <= 1")
         self.phi, self.tau, self.alpha = float(phi), float(tau), float(alpha)
+        # compute the negative UNet branch where the negative acts, for recorders only (it never enters the image)
+        self.observe_negative = bool(observe_negative)
         self._rows: torch.Tensor | None = None  # batch rows NAG acts on at this UNet call
         self._context: torch.Tensor | None = None  # their negative prompt embeddings (m, T, D)
         self._negative_out: dict[int, torch.Tensor] = {}
@@ -43,7 +47,7 @@ class NAG(Guider):
         self._unet = None
 
     def needs(self, negative: bool) -> set[str]:
-        return {"empty"}
+        return {"empty", "negative"} if negative and self.observe_negative else {"empty"}
 
     def bind(self, sampler) -> None:
         if self._unet is sampler.unet:

@@ -11,8 +11,8 @@ perp_neg, nag, dng, apg, tcfg, or any YAML added there), on the same model, prom
    the background kept (PSNR outside the object).
 
 The schedules say WHEN the negative acts; the method says HOW. Methods whose negative acts in
-attention space and computes no negative UNet branch (NAG) run with ``three_branches`` on, so the
-negative branch is computed for observation only (its strength ratio; it does not enter the image).
+attention space and compute no negative UNet branch (NAG) observe it: the branch is computed where
+the negative acts, for its strength ratio only (it does not enter the image).
 
 Each method's sub-studies run in ``by_method/<method>/run/`` (marked ``.incomplete``, so no other
 study's report pools them); their tables are copied, with a ``method`` column, to
@@ -134,7 +134,8 @@ def run(cfg: DictConfig, sampler, out_dir: Path, methods=("cfg", "perp_neg", "na
                 (work / ".incomplete").write_text("sub-studies of the methods study: pooled only through methods_* tables\n")
                 sampler.guider = guider
                 guider.bind(sampler)
-                sampler.three_branches = original[1] or "negative" not in guider.needs(True)
+                if "negative" not in guider.needs(True) and hasattr(guider, "observe_negative"):
+                    guider.observe_negative = True  # the strength ratio needs the negative branch's attention
                 log.info("methods: %s (%s)", name, guider.describe())
                 found = critical_step.run(crit_cfg, sampler, work)
                 found.update(removal.run(rem_cfg, sampler, work, evaluator=evaluator, world=world))
