@@ -68,7 +68,7 @@ def study_job(cfg: DictConfig, out_dir: Path) -> None:
     import pandas as pd
 
     from negstudy import generate, report
-    from negstudy.checks import build
+    from negstudy.targets import build
     from negstudy.records import write_text
     from negstudy.studies import module_of, prepared
     from negstudy.tracking import Tracker

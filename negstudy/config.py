@@ -2,7 +2,7 @@
 
 Hydra type-checks every group against these dataclasses when it composes the config;
 :func:`negstudy.checks.validate` then checks meaning before any model is loaded, and
-:func:`negstudy.checks.build` makes each group's object from its ``_target_``. A group's ``name``
+:func:`negstudy.targets.build` makes each group's object from its ``_target_``. A group's ``name``
 is a display label (tables, reports, W&B), never a constructor argument.
 """
 

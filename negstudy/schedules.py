@@ -82,7 +82,7 @@ class StepPlan:
 @dataclass(frozen=True)
 class Schedule:
     """Base of all schedules. A schedule is chosen by ``_target_`` in conf/schedule/*.yaml and built
-    by :func:`negstudy.checks.build`; ``name`` labels it in tables (:meth:`describe`)."""
+    by :func:`negstudy.targets.build`; ``name`` labels it in tables (:meth:`describe`)."""
 
     name: ClassVar[str]
 

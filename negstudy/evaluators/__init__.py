@@ -1,7 +1,7 @@
 """Evaluators: read generated images and say what is in them.
 
 An evaluator is chosen by ``_target_`` in conf/evaluator/*.yaml and built from ``cfg.evaluator`` by
-``negstudy.checks.build(cfg.evaluator, "evaluator", world=model_world)`` BEFORE the model loads, so an
+``negstudy.targets.build(cfg.evaluator, "evaluator", world=model_world)`` BEFORE the model loads, so an
 evaluator that cannot judge the chosen model fails fast. The target is a keyword factory (the
 node's keys, and ``world``: the model's world, "shapes" or None), usually the class's ``build``.
 Every evaluator implements

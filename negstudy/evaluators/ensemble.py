@@ -335,25 +335,19 @@ def agreement(table, readings: Sequence[Reading]) -> dict[str, dict]:
 
 # ----------------------------------------------------------------------------- the studies' reader
 
-STUDY_READERS = ("ensemble", "oracle")  # readers of the shapes world that locate objects (masks)
-
-
 def study_reader(cfg_evaluator) -> tuple[str, Callable[[np.ndarray], list[Reading]]]:
-    """The reader a study of the shapes world uses: ``evaluator.name`` when it is one of
-    ``STUDY_READERS``, else the default (ensemble). Returns (name, images (B, 32, 32, 3) uint8 -> readings).
-    The studies need masks (attention lift, PSNR outside the object), which only these readers give."""
-    name = str(cfg_evaluator.get("name", "ensemble")) if cfg_evaluator is not None else "ensemble"
-    if name not in STUDY_READERS:
-        name = "ensemble"
-    if name == "oracle":
-        return name, oracle_readings
-    if cfg_evaluator is None or cfg_evaluator.get("name") != "ensemble":
-        from omegaconf import OmegaConf
+    """The reader a study of the shapes world uses: the configured evaluator when it reads images
+    into :class:`Reading` s (its class has ``read``: the oracle, the ensemble), else the default
+    ensemble. Returns (name, images (B, 32, 32, 3) uint8 -> readings). The studies need masks
+    (attention lift, PSNR outside the object), which only such readers give."""
+    from negstudy.targets import build, target_of
 
-        from negstudy.config import ClipConfig
-
-        cfg_evaluator = OmegaConf.merge(OmegaConf.structured(ClipConfig), {"name": "ensemble"})
-    return name, EnsembleEvaluator.from_config(cfg_evaluator, "shapes").read
+    if cfg_evaluator is not None and "_target_" in cfg_evaluator:
+        target = target_of(cfg_evaluator, "evaluator")
+        if callable(getattr(getattr(target, "__self__", target), "read", None)):  # a class, or its classmethod
+            reader = build(cfg_evaluator, "evaluator", world="shapes")
+            return str(cfg_evaluator.get("name") or reader.name), reader.read
+    return "ensemble", EnsembleEvaluator.build(world="shapes").read
 
 
 def concept_present(reading: Reading, negative: str) -> tuple[bool | None, np.ndarray | None]:

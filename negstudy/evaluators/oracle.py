@@ -23,6 +23,10 @@ class OracleEvaluator:
 
         shapes_world_only("oracle", world, "evaluator=none")
 
+    def read(self, images) -> list:
+        """The oracle's readings (negstudy.evaluators.ensemble.Reading): the studies' reader on request."""
+        return oracle_readings(images)
+
     def objects(self, images, labels=None) -> list[dict[str, np.ndarray]]:
         """Surely present objects (restricted to ``labels`` when given), each with its pixel mask."""
         return [{o: m for o, m in v.objects.items() if labels is None or o in labels} for v in oracle.inspect_batch(images)]

@@ -1,6 +1,6 @@
 """Studies: each one a module here plus an overlay ``conf/sweep/<name>.yaml`` that names its ``run``.
 
-The overlay chooses the study by ``_target_`` (built by :func:`negstudy.checks.build`)::
+The overlay chooses the study by ``_target_`` (built by :func:`negstudy.targets.build`)::
 
     sweep:
       name: critical_step                 # display: W&B group, report text

@@ -470,7 +470,7 @@ def check(cfg: DictConfig) -> None:
 
 def prepare(cfg: DictConfig, world: str | None) -> dict:
     """Any model; the evaluator is built (and checked) before the model loads."""
-    from negstudy.checks import build
+    from negstudy.targets import build
 
     return {"evaluator": build(cfg.evaluator, "evaluator", world=world), "world": world}
 
