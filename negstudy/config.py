@@ -14,6 +14,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from negstudy.critical import HIT_LIFT
+
 
 @dataclass
 class ModelConfig:
@@ -131,7 +133,7 @@ class RemovalConfig:
     length: int = 5  # steps of the adaptive method's first window
     extend: int = 5  # steps added to its end per regeneration
     max_regenerations: int = 4  # bounded: at most 1 + this many adaptive images per object
-    hit_lift: float = 2.0  # attention reaches the region: mass there >= hit_lift x the region's share
+    hit_lift: float = HIT_LIFT  # attention reaches the region: mass there >= hit_lift x the region's share (negstudy.critical)
     max_objects: int = 3  # objects removed per original image
     protocol: str = "negstudy"  # negstudy | paper (the author's object selection, image order, counting rule, +1-step window)
     drop: list[str] = field(default_factory=lambda: ["person"])  # labels never targeted (the paper drops people)
