@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# scripts/gpu_figures.sh: the one command that measures negstudy's GPU figures at the real size
+# (issue 15, part 3): SD 2 base at 512 px and SDXL base 1.0 at 1024 px, real configurations with
+# random weights, fp16, one process per model (scripts/bench.py --models sd2 / sdxl --device cuda).
+#
+# A session that holds the device machine (one H200; each command <= 10 min; ~15 min of device
+# time in all, ~1-2 min of it start-up) runs, from the repository root, exactly:
+#
+#     device run:  command   = bash scripts/gpu_figures.sh
+#                  carry     = [".whl"]
+#                  timeout_s = 480
+#
+# The machine gets a copy of the working tree and nothing else; its python3 has torch, transformers,
+# safetensors, huggingface_hub, tqdm, pandas and Pillow, but NOT diffusers (nor omegaconf / hydra,
+# which the sd2 / sdxl path does not import), and no network. diffusers travels as wheels in the
+# git-ignored .whl/ (the same as scripts/gpu_train.sh's). Make them here once, before the call:
+#
+#     .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+#         -d .whl diffusers==0.42.1 importlib_metadata
+#
+# What it does (expected 3-5 min; hard limits below, ~7 min at most): prints the versions and
+# nvidia-smi first (so even a failed call says what is there), installs .whl into /tmp/site, then
+# runs bench.py once per model under `timeout` (SD2_S, SDXL_S seconds) with --budget-s 45 s below
+# it (parts not started by then are skipped, not killed); each run rewrites its JSON after every
+# part, so a run cut short still brings back what it measured. Per model, in this order: sampler vs
+# StableDiffusion(XL)Pipeline (30 steps, 1 image, median of 3), attention recording on/off (30 steps),
+# the largest batch that fits (doubling to the first CUDA out-of-memory), throughput at that batch,
+# the projections (strength-ratio study, whole removal benchmark, goal check: one GPU-hour), and the
+# shared-prefix step sweep (SD2 at 30 steps, SDXL at 10). Last, the merged tables.
+# Everything comes back in $OUT (the only folder that does):
+#     sd2.json, sdxl.json   each model's figures (bench.py's JSON)
+#     gpu_figures.json      both, merged, with the projections
+#     report.md             the Markdown tables and goal checks for the README's Performance section
+#     sd2.log, sdxl.log, env.txt
+#
+# Back on the CPU machine (files land read-only under the tool's files_at folder):
+#     .venv/bin/python scripts/bench.py --report <files_at>/sd2.json <files_at>/sdxl.json
+#
+# CPU dry run of the same command (64 px, 1-layer text encoders, ~1/10 of the channels; seconds):
+#     OUT=/tmp/gpu_figures_dry DEVICE=cpu EXTRA=--quick OMP_NUM_THREADS=1 PYTHON=.venv/bin/python \
+#         bash scripts/gpu_figures.sh
+#
+# Overrides (environment): DEVICE (cuda), MODELS ("sd2 sdxl"), SD2_S (150), SDXL_S (210),
+# EXTRA (more bench.py flags, e.g. "--quick", "--options on", "--max-batch 128").
+
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/gpu_figures}
+DEVICE=${DEVICE:-cuda}
+MODELS=${MODELS:-sd2 sdxl}
+SD2_S=${SD2_S:-150}
+SDXL_S=${SDXL_S:-210}
+EXTRA=${EXTRA:-}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+
+{
+echo "[${SECONDS}s] == environment ($(date -u +%FT%TZ))"
+"$PY" - <<'EOF'
+import importlib, sys
+print("python", sys.version.split()[0], sys.executable)
+import torch
+print("torch", torch.__version__, "| cuda", torch.version.cuda, "| gpu", torch.cuda.is_available() and torch.cuda.get_device_name(0))
+for m in ("diffusers", "transformers", "safetensors", "huggingface_hub", "tqdm", "pandas", "PIL", "accelerate"):
+    try:
+        print(m, getattr(importlib.import_module(m), "__version__", "?"))
+    except Exception as err:  # noqa: BLE001
+        print(m, "MISSING", type(err).__name__, err)
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) x $(nproc)"
+} 2>&1 | tee "$OUT/env.txt"
+
+if ! "$PY" -c 'import diffusers' 2>/dev/null; then
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        echo "[${SECONDS}s] == installing $(ls .whl | tr '\n' ' ')into /tmp/site"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+        export PYTHONPATH=/tmp/site:$PYTHONPATH
+    fi
+fi
+if ! "$PY" -c 'import diffusers, transformers' ; then
+    echo "!! FATAL: diffusers/transformers not importable. Carry .whl (see this script's header) and rerun." >&2
+    exit 3
+fi
+
+rc=0
+jsons=()
+for model in $MODELS; do
+    limit=$SD2_S
+    [ "$model" = sdxl ] && limit=$SDXL_S
+    echo "[${SECONDS}s] == $model: bench.py --device $DEVICE, at most $limit s"
+    # shellcheck disable=SC2086
+    timeout -k 10 "$limit" "$PY" scripts/bench.py --models "$model" --device "$DEVICE" --out "$OUT/$model.json" \
+        --budget-s $((limit - 45)) $EXTRA 2>&1 | grep -v '^{' | tee "$OUT/$model.log"
+    status=${PIPESTATUS[0]}
+    echo "[${SECONDS}s] == $model: exit $status"
+    [ "$status" = 0 ] || rc=$status
+    [ -s "$OUT/$model.json" ] && jsons+=("$OUT/$model.json")
+done
+
+if [ ${#jsons[@]} -gt 0 ]; then
+    echo "[${SECONDS}s] == merged tables (${jsons[*]})"
+    "$PY" scripts/bench.py --report "${jsons[@]}" --out "$OUT/gpu_figures.json" | grep -v '^{' | tee "$OUT/report.md"
+else
+    echo "!! no model wrote figures" >&2
+    rc=4
+fi
+echo "[${SECONDS}s] == done (exit $rc); \$OUT holds:"
+ls -la "$OUT"
+exit $rc
