@@ -179,9 +179,13 @@ STUDIES = {  # the smallest settings of each +sweep= overlay (one in-process job
                    "mechanisms.draws=1", "mechanisms.energy_steps=[1]"],
     "attention_maps": ["steps=4", "seeds=[0]", "dataset.limit=1", "sweep.stride=2"],
     "removal": ["steps=4", "seeds=[0]", "dataset.limit=1"],
+    "methods": ["steps=4", "sweep.screen_seeds=2", "sweep.max_seeds=1", "sweep.min_seeds=1", "sweep.stride=2",
+                "dataset.limit=1", "sweep.study.methods=[cfg,nag]", "sweep.study.removal_captions=1",
+                "sweep.study.removal_seeds=[0]", "fixed_rows=auto", "batch_size=8"],
 }
 WRITES = {"critical_step": "ratio.parquet", "reverse_activation": "reverse.parquet", "mechanisms": "inducing.parquet",
-          "attention_maps": "attention_windows.parquet", "removal": "originals.parquet"}
+          "attention_maps": "attention_windows.parquet", "removal": "originals.parquet",
+          "methods": "by_method/nag/methods_ratio.parquet"}
 
 
 def test_every_study_runs_with_model_sdxl(xl_dir, tmp_path, monkeypatch, capsys):
