@@ -26,13 +26,13 @@ def test_methods_study_runs_resumes_per_method_and_rejects_bad_names(tmp_path):
     first = negstudy(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     table = pd.read_parquet(run_dir / "report" / "methods.parquet")
-    assert table.method.tolist() == ["cfg", "perp_neg"]
-    assert "method perp_neg:" in first.stdout
+    assert table.guidance.tolist() == ["cfg", "perp_neg"]
+    assert "guidance perp_neg:" in first.stdout
     ratio = pd.concat([pd.read_parquet(run_dir / "by_method" / m / "methods_ratio.parquet") for m in ("cfg", "perp_neg")])
     assert set(ratio.guider) == {"cfg", "perp_neg(weight=None)"} and ratio.ratio.notna().all()
     # the two methods saw the same screened pair-seeds (same trajectories without the negative)
     screens = [pd.read_parquet(run_dir / "by_method" / m / "methods_screen.parquet") for m in ("cfg", "perp_neg")]
-    assert screens[0].drop(columns=["method", "guider"]).equals(screens[1].drop(columns=["method", "guider"]))
+    assert screens[0].drop(columns=["guidance", "guider"]).equals(screens[1].drop(columns=["guidance", "guider"]))
 
     # a crash after cfg finished: the rerun recomputes perp_neg only
     kept = (run_dir / "by_method" / "cfg" / "methods_ratio.parquet").stat().st_mtime_ns
@@ -42,4 +42,23 @@ def test_methods_study_runs_resumes_per_method_and_rejects_bad_names(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert (run_dir / "by_method" / "cfg" / "methods_ratio.parquet").stat().st_mtime_ns == kept
     assert (run_dir / "by_method" / "perp_neg" / "done").exists()
-    assert pd.read_parquet(run_dir / "report" / "methods.parquet").method.tolist() == ["cfg", "perp_neg"]
+    assert pd.read_parquet(run_dir / "report" / "methods.parquet").guidance.tolist() == ["cfg", "perp_neg"]
+
+
+def test_the_methods_table_keeps_each_guidance_and_each_removal_method_apart(tmp_path):
+    """removal_targets has its own ``method`` column (from0 / window / adaptive): the guidance is another column."""
+    from negstudy.studies.methods import TABLES, summarise
+
+    rows = []
+    for guidance, removed in (("cfg", [1, 1, 0]), ("nag", [1, 0, 0])):  # from0, window, adaptive per object
+        for obj in range(4):
+            for method, r in zip(("from0", "window", "adaptive"), removed):
+                rows.append({"dataset": "shapes_removal", "job": f"by_method/{guidance}", "prompt": f"caption {obj % 2}",
+                             "seed": obj, "object": "ball", "method": method, "removed": bool(r), "regenerations": 0,
+                             "start": 0, "critical_source": "attention", "psnr_out": 20.0, "guidance": guidance,
+                             "guider": guidance})
+    tables = {t: pd.DataFrame() for t in TABLES}
+    tables["methods_removal_targets"] = pd.DataFrame(rows)
+    table = summarise(tables, tmp_path, "all_tokens").sections[0][1].set_index("guidance")
+    assert table.loc["cfg", "from0_removed"].startswith("100%") and table.loc["cfg", "adaptive_removed"].startswith("0%")
+    assert table.loc["nag", "window_removed"].startswith("0%") and table.loc["nag", "from0_objects"] == 4

@@ -45,10 +45,16 @@ class DiffusersGuider(Guider):
         if options.get("adaptive_projected_guidance_momentum") is not None:
             raise ConfigError("guidance.options.adaptive_projected_guidance_momentum: momentum averages over the whole "
                               "batch, which lanes sharing prefixes cannot split; allowed: null")
+        from diffusers.utils import logging as dlogging
+
+        verbosity = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()  # diffusers warns at every guider built that guiders are experimental
         try:
             self.guider = cls(**options)
         except TypeError as err:
             raise ConfigError(f"guidance.options: {err} (the options are {cls.__name__}'s init arguments)") from None
+        finally:
+            dlogging.set_verbosity(verbosity)
         self.method, self.options = method, options
         self.name = name or method
 

@@ -16,7 +16,7 @@ the negative acts, for its strength ratio only (it does not enter the image).
 
 Each method's sub-studies run in ``by_method/<method>/run/`` (marked ``.incomplete``, so no other
 study's report pools them); their tables are copied, with a ``method`` column, to
-``by_method/<method>/methods_<table>.parquet``, and a finished method is not rerun when the job is
+``by_method/<method>/methods_<table>.parquet`` (columns ``guidance``, the option's name, and ``guider``, its parameters), and a finished method is not rerun when the job is
 resumed. The report (:data:`REPORT`) puts one row per method in the table ``methods``.
 """
 
@@ -125,7 +125,7 @@ def run(cfg: DictConfig, sampler, out_dir: Path, methods=("cfg", "perp_neg", "na
     try:
         for name, guider in guiders.items():
             home = out_dir / "by_method" / name
-            if not (home / "done").exists():
+            if not cfg.get("resume", True) or not (home / "done").exists():  # resume=false recomputes every method
                 work = home / "run"
                 if work.exists():
                     shutil.rmtree(work)
@@ -141,7 +141,7 @@ def run(cfg: DictConfig, sampler, out_dir: Path, methods=("cfg", "perp_neg", "na
                 found.update(removal.run(rem_cfg, sampler, work, evaluator=evaluator, world=world))
                 for table, frame in found.items():
                     if f"methods_{table}" in tables:
-                        write_table(frame.assign(method=name, guider=guider.describe()), home / f"methods_{table}.parquet")
+                        write_table(frame.assign(guidance=name, guider=guider.describe()), home / f"methods_{table}.parquet")
                 (home / "done").write_text(guider.describe() + "\n")
                 if hasattr(guider, "remove"):
                     guider.remove()  # attention-space guiders unhook from the UNet
@@ -173,11 +173,11 @@ def summarise(tables: dict[str, pd.DataFrame], out: Path, variant: str) -> Summa
     rem_all, ratio_all = tables["methods_removal"], tables["methods_ratio"]
     if rem_all.empty and tables["methods_removal_targets"].empty:
         return Summary()
-    order = list(dict.fromkeys(pd.concat([t.method for t in tables.values() if "method" in t]).tolist()))
+    order = list(dict.fromkeys(pd.concat([t.guidance for t in tables.values() if "guidance" in t]).tolist()))
     rows, curves, rates = [], {}, {}
     for m in order:
-        pick = {k: (v[v.method == m].drop(columns=["method", "guider"]) if "method" in v else v) for k, v in tables.items()}
-        row = {"method": m}
+        pick = {k: (v[v.guidance == m].drop(columns=["guidance", "guider"]) if "guidance" in v else v) for k, v in tables.items()}
+        row = {"guidance": m}
         rem = removal_vs_start(pick["methods_removal"]) if not pick["methods_removal"].empty else pd.DataFrame()
         if not rem.empty:
             obj = rem[rem.category == "object"].sort_values("start_step")
@@ -202,13 +202,13 @@ def summarise(tables: dict[str, pd.DataFrame], out: Path, variant: str) -> Summa
                 key = {"negative from step 0": "from0", "fixed window": "window", "adaptive window": "adaptive"}.get(r.method, r.method)
                 row[f"{key}_removed"] = _fmt(r.removed, r.ci_low, r.ci_high)
                 row[f"{key}_objects"] = int(r.objects)
-                if pd.notna(getattr(r, "psnr_out", np.nan)):
-                    row[f"{key}_psnr_out"] = f"{r.psnr_out:.1f}"
+                if pd.notna(getattr(r, "psnr_out", np.nan)):  # dB outside the object, mean over objects (95 % CI)
+                    row[f"{key}_psnr_out"] = f"{r.psnr_out:.1f} ({r.psnr_out_low:.1f}..{r.psnr_out_high:.1f})"
         rows.append(row)
     table = pd.DataFrame(rows)
     ks = sorted((c for c in table if c.startswith("removed_k")), key=lambda c: int(c[len("removed_k"):]))
-    rest = [c for c in table if c not in ks and c not in ("method", "pair_seeds")]
-    table = table[["method"] + (["pair_seeds"] if "pair_seeds" in table else []) + ks + rest]
+    rest = [c for c in table if c not in ks and c not in ("guidance", "pair_seeds")]
+    table = table[["guidance"] + (["pair_seeds"] if "pair_seeds" in table else []) + ks + rest]
     write_table(table, out / "methods.parquet")
     table.to_csv(out / "methods.csv", index=False)
     summary = Summary(sections=[("Negative-guidance methods: removal against start step, strength ratio, removal table", table)])
@@ -245,8 +245,8 @@ def lines(out: Path) -> list[str]:
         return []
     found = []
     for r in pd.read_parquet(path).to_dict("records"):
-        parts = [f"{k}={v}" for k, v in r.items() if k != "method" and v is not None and not (isinstance(v, float) and np.isnan(v))]
-        found.append(f"method {r['method']}: " + ", ".join(parts))
+        parts = [f"{k}={v}" for k, v in r.items() if k != "guidance" and v is not None and not (isinstance(v, float) and np.isnan(v))]
+        found.append(f"guidance {r['guidance']}: " + ", ".join(parts))
     return found
 
 
