@@ -54,36 +54,16 @@ SDXL_S=${SDXL_S:-240}
 EXTRA=${EXTRA:-}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
+# shellcheck source=scripts/device_lib.sh
+source scripts/device_lib.sh
 mkdir -p "$OUT"
 
 {
 echo "[${SECONDS}s] == environment ($(date -u +%FT%TZ))"
-"$PY" - <<'EOF'
-import importlib, sys
-print("python", sys.version.split()[0], sys.executable)
-import torch
-print("torch", torch.__version__, "| cuda", torch.version.cuda, "| gpu", torch.cuda.is_available() and torch.cuda.get_device_name(0))
-for m in ("diffusers", "transformers", "safetensors", "huggingface_hub", "tqdm", "pandas", "PIL", "accelerate"):
-    try:
-        print(m, getattr(importlib.import_module(m), "__version__", "?"))
-    except Exception as err:  # noqa: BLE001
-        print(m, "MISSING", type(err).__name__, err)
-EOF
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) x $(nproc)"
+device_env diffusers transformers safetensors huggingface_hub tqdm pandas PIL accelerate
 } 2>&1 | tee "$OUT/env.txt"
 
-if ! "$PY" -c 'import diffusers' 2>/dev/null; then
-    if ls .whl/*.whl >/dev/null 2>&1; then
-        echo "[${SECONDS}s] == installing $(ls .whl | tr '\n' ' ')into /tmp/site"
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
-        export PYTHONPATH=/tmp/site:$PYTHONPATH
-    fi
-fi
-if ! "$PY" -c 'import diffusers, transformers' ; then
-    echo "!! FATAL: diffusers/transformers not importable. Carry .whl (see this script's header) and rerun." >&2
-    exit 3
-fi
+ensure_diffusers
 
 rc=0
 jsons=()
