@@ -14,14 +14,20 @@ import torch
 TINY_WORDS = "a an the of on in and photo picture cat dog ball box sun tree grass sky red blue ugly blurry glasses woman".split()
 
 
+def tiny_vae(seed: int = 0, **config):
+    """A tiny AutoencoderKL (2x down-sampling, 4 latent channels), deterministic in ``seed``."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3,
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4,
+                         norm_num_groups=32, sample_size=32, **config)
+
+
 def tiny_components(seed: int = 0, *, pixel_space: bool = False, scheduler: str = "pndm") -> dict:
     """Components of a tiny SD pipeline, deterministic in ``seed``."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        PNDMScheduler,
-        UNet2DConditionModel,
-    )
+    from diffusers import DDIMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from negstudy.tokenizer import build_clip_tokenizer
@@ -40,19 +46,7 @@ def tiny_components(seed: int = 0, *, pixel_space: bool = False, scheduler: str 
         attention_head_dim=2,
         norm_num_groups=32,
     )
-    vae = None
-    if not pixel_space:
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=32,
-        )
+    vae = None if pixel_space else tiny_vae(seed)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -113,7 +107,7 @@ def tiny_sdxl_components(seed: int = 0, *, scheduler: str = "euler") -> dict:
     shapes oracle's size). The second tokenizer pads with "!" like SDXL's ``tokenizer_2``.
     scheduler: "euler" (SDXL's own, EulerDiscrete) or "ddim".
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from negstudy.shapes.world import VOCABULARY
@@ -142,18 +136,7 @@ def tiny_sdxl_components(seed: int = 0, *, scheduler: str = "euler") -> dict:
         projection_class_embeddings_input_dim=6 * time_dim + projection_dim,  # 6 time ids + the pooled text
         norm_num_groups=32,
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-        scaling_factor=0.13025,  # SDXL's
-    )
+    vae = tiny_vae(seed, scaling_factor=0.13025)  # SDXL's scaling factor
     encoders = []
     for k, cls in enumerate((CLIPTextModel, CLIPTextModelWithProjection)):
         torch.manual_seed(seed + k)
