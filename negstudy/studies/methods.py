@@ -173,7 +173,8 @@ def summarise(tables: dict[str, pd.DataFrame], out: Path, variant: str) -> Summa
     rem_all, ratio_all = tables["methods_removal"], tables["methods_ratio"]
     if rem_all.empty and tables["methods_removal_targets"].empty:
         return Summary()
-    order = list(dict.fromkeys(pd.concat([t.guidance for t in tables.values() if "guidance" in t]).tolist()))
+    # the paper's CFG first (the reference every other row is read against), then the others by name
+    order = sorted(set(pd.concat([t.guidance for t in tables.values() if "guidance" in t]).tolist()), key=lambda m: (m != "cfg", m))
     rows, curves, rates = [], {}, {}
     for m in order:
         pick = {k: (v[v.guidance == m].drop(columns=["guidance", "guider"]) if "guidance" in v else v) for k, v in tables.items()}
