@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from negstudy.attention import AttentionRecorder, mass_in_mask, prompt_words
-from negstudy.critical import first_hit_step
+from negstudy.critical import HIT_LIFT, attention_hit_step
 from negstudy.records import atomic_path, to_uint8
 from negstudy.sampler import Batch
 from negstudy.schedules import Always, Never
@@ -117,15 +117,16 @@ def fig_attention_grid(maps_pos, maps_neg, windows: Sequence[tuple[int, int]], h
     return fig
 
 
-def attention_grid_for(sampler, prompt: str, negative: str, seed: int, window: int = 5, threshold: float = 0.5,
+def attention_grid_for(sampler, prompt: str, negative: str, seed: int, window: int = 5, hit_lift: float = HIT_LIFT,
                        positive_word: str | None = None) -> tuple[Figure, pd.DataFrame]:
     """Figure 1/4 for one (prompt, negative, seed), with the "right place" decided automatically.
 
     One batch: the negative at every step (cross-attention recorded in both branches) and the same
     seed without it. The region is the oracle's mask of the negative's object in the image without
     the negative. Per window of ``window`` steps, the mass of the window-mean map inside the region
-    (:func:`negstudy.attention.mass_in_mask`); the first window whose negative-branch mass is >=
-    ``threshold`` is the hit (:func:`negstudy.critical.first_hit_step` on the window masses).
+    (:func:`negstudy.attention.mass_in_mask`); the first window whose negative-branch map puts
+    ``hit_lift`` times a uniform map's mass on the region is the hit (the attention hit rule,
+    :func:`negstudy.critical.attention_hit_step`, on the window masses).
     positive_word: the positive-branch row (default: the first object the prompt names, else its
     last word). Returns the figure and a table window, first_step, last_step, branch, word,
     mass_in_region, hit (NaN masses when the object does not appear without the negative), heat (the
@@ -150,12 +151,12 @@ def attention_grid_for(sampler, prompt: str, negative: str, seed: int, window: i
                          "word": word, "mass_in_region": mass, "heat": mean.astype(np.float32)})
     table = pd.DataFrame(rows)
     neg = table[table.branch == "negative"].sort_values("window")
-    hit = first_hit_step(neg.mass_in_region.to_numpy(), threshold)
+    hit = attention_hit_step(neg.mass_in_region.to_numpy(), float(region.mean()), hit_lift) if region is not None else None
     table["hit"] = table.window == hit if hit is not None else False
     where = "object region outlined" if present else "object absent without the negative: no region"
     fig = fig_attention_grid(maps_pos, maps_neg, windows, hit, image=images[1], words=(positive_word, negative), region=region,
                              title=f"'{prompt}', negative '{negative}', seed {seed}\nimage without the negative, {where}; "
-                                   f"boxed: first window with mass in region >= {threshold:g}")
+                                   f"boxed: first window whose map puts >= {hit_lift:g}x a uniform map's mass on the region")
     return fig, table
 
 

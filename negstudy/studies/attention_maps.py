@@ -5,7 +5,7 @@ every step and cross-attention recorded in both branches, and the same seed with
 whose oracle mask of the object is the reference region; per window of ``sweep.stride`` steps the
 mass of each word's window-mean map inside that region. Writes ``grids/*.png`` (rows: the
 positive word, the negative word; columns: step windows; the first window whose negative-branch
-mass reaches the threshold boxed) and ``attention_windows.parquet``.
+map puts twice a uniform map's mass on the region boxed: the attention hit rule of negstudy.critical) and ``attention_windows.parquet``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from negstudy.records import slug, write_table
 from negstudy.sampler import NegativeSampler
 from negstudy.studies import StudyReport, Summary, shapes_only
 
-THRESHOLD = 0.5  # mass inside the object's region: more than half of the word's attention
 
 
 def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, pd.DataFrame]:
@@ -30,8 +29,7 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     tables = []
     jobs = [(i, pair, int(seed)) for i, pair in enumerate(pairs) for seed in cfg.seeds]
     for i, pair, seed in tqdm(jobs, desc="attention grids", unit="grid"):
-        fig, table = figures.attention_grid_for(sampler, pair.prompt, pair.negative, seed, window=cfg.sweep.stride,
-                                                threshold=THRESHOLD)
+        fig, table = figures.attention_grid_for(sampler, pair.prompt, pair.negative, seed, window=cfg.sweep.stride)
         figures.save(fig, out_dir / "grids" / f"{i:02d}_{slug(pair.prompt)}_neg-{slug(pair.negative, 20)}_s{seed}.png")
         tables.append(table.assign(pair=i, prompt=pair.prompt, negative=pair.negative, seed=seed))
     frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()

@@ -91,6 +91,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from negstudy.critical import HIT_LIFT
 from negstudy.datasets import pairs_of
 from negstudy.records import to_uint8, write_table
 from negstudy.sampler import Batch, Hook, NegativeSampler, StepState
@@ -115,7 +116,6 @@ PAPER_ENERGY_PROMPT = "   "
 PAPER_THETAS = tuple(np.round(np.linspace(0.0, 1.0, 101), 2))
 ENERGY_VARIANTS = ("negstudy", "paper", "both")
 ATTENTION_WINDOW = 5  # steps per window of the attention grid (the paper: 3 or 5)
-HIT_THRESHOLD = 0.5  # mass-in-region rule of negstudy.critical.first_hit_step
 
 
 # ----------------------------------------------------------------------------- vector helpers
@@ -479,7 +479,7 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     """The four mechanism tables and their figures for ``cfg.dataset`` pairs x ``cfg.seeds``.
 
     Optional settings under ``cfg.mechanisms`` (defaults: the module constants): thetas,
-    energy_steps, draws, window, threshold, and screen_seeds / max_extra: also screen seeds
+    energy_steps, draws, window, hit_lift (the attention grid's hit rule), and screen_seeds / max_extra: also screen seeds
     0..screen_seeds-1 of each pair without the negative and add up to max_extra of those in which
     the negative's object appears (neutralization needs such seeds; off by default). Every table
     says per row whether the object appeared without the negative and whether the seed was added
@@ -501,7 +501,7 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     energy_steps = [int(s) for s in _setting(cfg, "energy_steps", list(ENERGY_STEPS))]
     draws = int(_setting(cfg, "draws", ENERGY_DRAWS))
     window = int(_setting(cfg, "window", ATTENTION_WINDOW))
-    threshold = float(_setting(cfg, "threshold", HIT_THRESHOLD))
+    hit_lift = float(_setting(cfg, "hit_lift", HIT_LIFT))
     screen_seeds = int(_setting(cfg, "screen_seeds", 0))
     energy_variant = _setting(cfg, "energy", "negstudy")  # negstudy | paper | both (module docstring)
     if energy_variant not in ENERGY_VARIANTS:
@@ -601,7 +601,7 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     first = next((j for j, r in enumerate(regions) if r is not None), None)
     if first is not None:
         p, seed = items[first]
-        fig, windows = figures.attention_grid_for(sampler, pairs[p].prompt, pairs[p].negative, seed, window, threshold)
+        fig, windows = figures.attention_grid_for(sampler, pairs[p].prompt, pairs[p].negative, seed, window, hit_lift)
         figures.save(fig, out_dir / "attention_grid.png")
         out["attention_windows"] = windows.drop(columns="heat").assign(pair=p, prompt=pairs[p].prompt,
                                                                       negative=pairs[p].negative, seed=seed)
