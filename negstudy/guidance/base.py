@@ -107,6 +107,9 @@ class Guider:
     def bind(self, sampler) -> None:
         """Called once by the sampler that uses this guider (e.g. to install attention hooks)."""
 
+    def remove(self) -> None:
+        """Undo :meth:`bind` (e.g. take the attention hooks off the UNet)."""
+
     def start(self, n_lanes: int, device: torch.device) -> None:
         """A generate call starts from x_T with ``n_lanes`` lanes: reset per-lane state."""
         self.lane_state = {}

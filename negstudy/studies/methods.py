@@ -120,7 +120,7 @@ def run(cfg: DictConfig, sampler, out_dir: Path, methods=("cfg", "perp_neg", "na
     guiders = {name: from_config(guidance_node(name)) for name in methods}  # all built before any image
     crit_cfg = _critical_cfg(cfg, categories)
     rem_cfg = _removal_cfg(cfg, removal_dataset, removal_captions, removal_seeds)
-    original = (sampler.guider, sampler.three_branches)
+    original = sampler.guider
     tables: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLES}
     try:
         for name, guider in guiders.items():
@@ -143,14 +143,14 @@ def run(cfg: DictConfig, sampler, out_dir: Path, methods=("cfg", "perp_neg", "na
                     if f"methods_{table}" in tables:
                         write_table(frame.assign(guidance=name, guider=guider.describe()), home / f"methods_{table}.parquet")
                 (home / "done").write_text(guider.describe() + "\n")
-                if hasattr(guider, "remove"):
-                    guider.remove()  # attention-space guiders unhook from the UNet
+                guider.remove()  # attention-space guiders unhook from the UNet
             for table in TABLES:
                 path = home / f"{table}.parquet"
                 if path.exists():
                     tables[table].append(pd.read_parquet(path))
     finally:
-        sampler.guider, sampler.three_branches = original
+        sampler.guider.remove()  # also when a method failed midway
+        sampler.guider = original
     return {t: pd.concat(f, ignore_index=True) if f else pd.DataFrame() for t, f in tables.items()}
 
 
