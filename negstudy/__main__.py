@@ -39,7 +39,24 @@ def app(cfg: DictConfig) -> None:
         print(f"negstudy: error: the job failed: {type(err).__name__}: {err} (traceback in {out_dir / 'negstudy.log'})",
               file=sys.stderr)
         sys.exit(1)
+    if not multirun:  # a multirun's last lines come from negstudy.callbacks, after the pooled report
+        print(where_it_went(out_dir))
     return outcome.status
+
+
+def where_it_went(out_dir: Path) -> str:
+    """The last line of a job: its directory and its report (a study writes one; a generation job does not)."""
+    page = out_dir / "report" / "report.html"
+    report = shown(page) if page.exists() else "none (a generation job writes images and tables only)"
+    return f"negstudy: outputs -> {shown(out_dir)}; report -> {report}"
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the directory the command was launched from, when it lies below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def generation_job(cfg: DictConfig, out_dir: Path) -> None:

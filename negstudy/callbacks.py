@@ -41,6 +41,7 @@ class ReportCallback(Callback):
         summary = jobs.summarize(root, rerun_command(config))
         print(f"negstudy: sweep summary: {summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed "
               f"-> {root / 'summary.md'}")
+        print(f"negstudy: outputs -> {root}; report -> {page if page is not None else 'none (generation jobs only)'}")
         for job in summary["jobs"]:
             if job["status"] == "failed":
                 print(f"negstudy:   job {job['job']} ({' '.join(job['overrides'])}): {job['cause']}")

@@ -20,6 +20,8 @@ def test_window_job_writes_images_and_tables(tiny_model_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"4 images -> {out}" in proc.stdout
+    last = [line for line in proc.stdout.splitlines() if line.startswith("negstudy:")][-1]
+    assert last == "negstudy: outputs -> job; report -> none (a generation job writes images and tables only)"
     images = pd.read_parquet(out / "images.parquet")
     assert len(images) == 4 and set(images.seed) == {0, 1} and images.pair.nunique() == 2
     assert (images.n_calls == 7).all() and (images.schedule == "window(start=2,end=4)").all()

@@ -53,6 +53,8 @@ def test_submitit_local_multirun_then_a_rerun_skips_every_finished_job(tmp_path)
     first = _run(command, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "sweep summary: 2 done, 0 skipped, 0 failed" in first.stdout
+    last = [line for line in first.stdout.splitlines() if line.startswith("negstudy:")][-1]
+    assert last == f"negstudy: outputs -> {sweep}; report -> {sweep / 'report' / 'report.html'}"
     logs = list(sweep.glob(".submitit/*/*_log.out"))
     assert len(logs) == 2 and all("negstudy: report ->" in p.read_text() for p in logs)  # each job's own stdout
     before = {p: p.read_bytes() for p in sweep.glob("*/*.parquet")}
