@@ -35,6 +35,7 @@ import pandas as pd
 
 from negstudy.critical import CROSSING_TOLERANCE
 from negstudy.records import write_text
+from negstudy.scorecard import run_name
 from negstudy.tables import (  # noqa: F401 - the statistics of the studies' tables, importable from here as before
     DEFAULT_VARIANT,
     HIT_LIFT,
@@ -80,7 +81,7 @@ def build(root: str | Path, variant: str = DEFAULT_VARIANT) -> Path:
         inputs.update(summary.page)
     for png in study_figures:
         figures[str(png.relative_to(root).with_suffix(""))] = base64.b64encode(png.read_bytes()).decode()
-    md = ["# negstudy report", "", f"Run: `{root}`. Ratio variant: `{variant}`. Rules: object = peak of the mean ratio curve; "
+    md = ["# negstudy report", "", f"Run: `{run_name(root)}`. Ratio variant: `{variant}`. Rules: object = peak of the mean ratio curve; "
           f"attribute = first step from which it stays >= 1 up to dips of {CROSSING_TOLERANCE:g} (the default, robust to noise "
           "on the plateau just above 1; crossing_first and crossing_stays_strict beside it); attention = first step at which the "
           f"negative word's map puts {HIT_LIFT:g}x a uniform map's mass on the concept's region. Pooled per (job, pair, seed): "

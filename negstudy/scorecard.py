@@ -199,6 +199,21 @@ def run_configs(root: Path) -> list[dict]:
     return [yaml.safe_load(p.read_text()) or {} for p in paths]
 
 
+def shareable(path: str | Path, root: str | Path | None = None) -> str:
+    """``path`` as a shared report shows it, never absolute: below the run ``root``, relative to it;
+    inside the negstudy package (a shipped model's card), from ``negstudy/``; a relative path as
+    given; anything else, its folder's name and its own (``sd2-base/README.md``)."""
+    p = Path(path)
+    if not p.is_absolute():
+        return p.as_posix()
+    for base in ([Path(root)] if root is not None else []) + [Path(__file__).resolve().parents[1]]:
+        try:
+            return p.resolve().relative_to(base.resolve()).as_posix()
+        except ValueError:
+            continue
+    return "/".join(p.parts[-2:])
+
+
 def model_dir(model: dict) -> Path | None:
     """The directory of a shipped or local model (its card, quality.json, reader_agreement.json); None for a hub id."""
     from negstudy.models import BUILTIN_PREFIX, builtin_model_dir
@@ -222,7 +237,7 @@ def model_quality(directory: Path | None) -> tuple[dict, str]:
     path = directory / "quality.json"
     if path.exists():
         data = json.loads(path.read_text())
-        return {k: float(data[k]) for k in MODEL_TARGETS if k in data}, str(path)
+        return {k: float(data[k]) for k in MODEL_TARGETS if k in data}, shareable(path)
     card = directory / "README.md"
     found = {}
     if card.exists():
@@ -233,7 +248,7 @@ def model_quality(directory: Path | None) -> tuple[dict, str]:
                     m = re.match(r"([\d.]+)\s*%", cells[1])
                     if m:
                         found.setdefault(key, float(m.group(1)) / 100)
-    return found, (str(card) if found else "not measured (no quality.json, no quality table in the card)")
+    return found, (shareable(card) if found else "not measured (no quality.json, no quality table in the card)")
 
 
 def reader_agreement(directory: Path | None, reader: str) -> tuple[dict, str]:
@@ -245,13 +260,13 @@ def reader_agreement(directory: Path | None, reader: str) -> tuple[dict, str]:
     split = data.get(READER_SPLIT, data)
     entry = split.get(reader) if isinstance(split, dict) else None
     if not isinstance(entry, dict):
-        return {}, f"reader not validated ({path} has no {READER_SPLIT} agreement of reader {reader!r})"
+        return {}, f"reader not validated ({shareable(path)} has no {READER_SPLIT} agreement of reader {reader!r})"
     rates = {}
     for decision, v in entry.items():
         rate = v.get("rate") if isinstance(v, dict) else v
         if isinstance(rate, (int, float)) and not (isinstance(v, dict) and v.get("n", 1) == 0):
             rates[decision] = float(rate)
-    return rates, str(path)
+    return rates, shareable(path)
 
 
 @dataclass(frozen=True)
@@ -266,7 +281,7 @@ class Instrument:
 
 def instrument(root: Path, targets: pd.DataFrame | None = None) -> Instrument:
     configs = run_configs(root)
-    models = list(dict.fromkeys(f"{c.get('model', {}).get('name', '?')} ({c.get('model', {}).get('path', '?')})"
+    models = list(dict.fromkeys(f"{c.get('model', {}).get('name', '?')} ({shareable(c.get('model', {}).get('path') or '?')})"
                                 for c in configs)) or ["unknown (no config.yaml in the run)"]
     readers = list(dict.fromkeys(str(c.get("evaluator", {}).get("name", "?")) for c in configs))
     if targets is not None and not targets.empty and "evaluator" in targets:
@@ -494,8 +509,13 @@ def scorecard(root: str | Path, variant: str = DEFAULT_VARIANT) -> tuple[pd.Data
 SHOWN = ["claim", "paper", "measured", "n", "verdict", "rule"]
 
 
+def run_name(root: str | Path) -> str:
+    """The run as a shared report names it: the last two parts of its directory (``<date>/<time>``)."""
+    return "/".join(Path(root).resolve().parts[-2:])
+
+
 def _header(root: Path, inst: Instrument) -> list[str]:
-    return [f"Run: `{root}`. Model: {', '.join(inst.models)}" + (" (POOLED OVER MODELS)" if len(inst.models) > 1 else "") + ".",
+    return [f"Run: `{run_name(root)}`. Model: {', '.join(inst.models)}" + (" (POOLED OVER MODELS)" if len(inst.models) > 1 else "") + ".",
             f"Model quality: {inst.model_text}.", f"Reader ({', '.join(inst.readers)}): {inst.reader_text}.",
             f"Verdicts: holds = the 95 % interval is inside the claim's band; does not hold = entirely outside; otherwise, or "
             f"with fewer than {MIN_CLUSTERS} pairs (captions) or {MIN_UNITS} pair-seeds (objects), inconclusive at this n. "

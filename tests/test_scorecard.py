@@ -247,3 +247,16 @@ def test_report_build_writes_the_scorecard(tmp_path):
         report.summary_lines(tmp_path)
     fragment = scorecard.scorecard_html(tmp_path)
     assert fragment.startswith("<h2>Replication scorecard</h2>") and fragment.count("<tr>") == 1 + len(scorecard.CLAIMS) + 2
+    for name in ("scorecard.md", "report.md", "report.html"):  # a shared report carries no path of this machine
+        assert str(tmp_path) not in (tmp_path / "report" / name).read_text()
+
+
+def test_the_shipped_models_card_is_named_from_the_package_and_other_paths_by_their_last_parts(tmp_path):
+    job(tmp_path / "run", "0", "builtin:shapes", ratio=ratio_rows(2, 2, lambda p: bump(5, 0.07)))
+    _, inst = scorecard.scorecard(tmp_path / "run")
+    assert "[negstudy/models/shapes/README.md]" in inst.model_text and "[negstudy/models/shapes/reader_agreement.json]" in inst.reader_text
+    assert inst.models == ["planted (builtin:shapes)"]
+    header = scorecard.markdown(tmp_path / "run")[1]
+    assert "Run: `" + tmp_path.name + "/run`" in header and str(tmp_path) not in header
+    assert scorecard.shareable(tmp_path / "run" / "0" / "x.png", tmp_path / "run") == "0/x.png"
+    assert scorecard.shareable("/data/weights/sd2-base/README.md") == "sd2-base/README.md"
