@@ -12,7 +12,10 @@ Faults for the tests, queued with :meth:`JudgeServer.fail` and consumed one per 
 ``429`` (Retry-After: 0), ``500``, ``401`` (echoes the Authorization header in its message, as a
 careless server might), ``hang`` (answers nothing until the client has given up), ``garbage``
 (prose instead of JSON), ``bad_json`` (truncated JSON), ``bad_label`` (well-formed JSON with an
-invalid value: a label outside the set, "maybe", "c", 42).
+invalid value: a label outside the set, "maybe", "c", 42). With ``faults_on_new_requests=True`` a
+fault is served only to a request body the server has not received before: a client's retries and
+re-asks of one question send the same body and are answered, so each fault hits another question
+whatever the timing (concurrent requests, no rate limit).
 
     with JudgeServer() as server:
         server.fail("429", times=2)
@@ -23,6 +26,7 @@ invalid value: a label outside the set, "maybe", "c", 42).
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import re
@@ -106,11 +110,14 @@ class JudgeServer:
     """Context manager: a threaded server on 127.0.0.1 (a free port) in a background thread.
 
     delay_s: seconds each answer takes (to observe concurrency); hang_s: how long a ``hang`` fault
-    holds its request (released early when the server closes)."""
+    holds its request (released early when the server closes); faults_on_new_requests: queued
+    faults go only to request bodies not received before (module docstring)."""
 
-    def __init__(self, delay_s: float = 0.0, hang_s: float = 5.0):
+    def __init__(self, delay_s: float = 0.0, hang_s: float = 5.0, faults_on_new_requests: bool = False):
         self.delay_s = delay_s
         self.hang_s = hang_s
+        self.faults_on_new_requests = faults_on_new_requests
+        self._seen: set[str] = set()  # sha256 of every request body received
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -170,7 +177,10 @@ class JudgeServer:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                     server.authorizations.append(self.headers.get("Authorization", ""))
-                    fault = server._faults.popleft() if server._faults else None
+                    digest = hashlib.sha256(body).hexdigest()
+                    eligible = digest not in server._seen or not server.faults_on_new_requests
+                    server._seen.add(digest)
+                    fault = server._faults.popleft() if server._faults and eligible else None
                 try:
                     self._answer(json.loads(body), fault)
                 finally:

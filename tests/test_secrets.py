@@ -24,7 +24,8 @@ def _sweep(tmp_path, server, sweep_dir, *extra):
     return subprocess.run(
         [sys.executable, "-m", "negstudy", "+sweep=removal", "steps=10", "seeds=[0,1,2]", "dataset.limit=4",
          "evaluator=judge", f"evaluator.base_url={server.base_url}", f"evaluator.cache_dir={tmp_path / 'cache'}",
-         "evaluator.timeout_s=2", "logger=wandb", f"hydra.sweep.dir={sweep_dir}", *extra],
+         "evaluator.timeout_s=2", "evaluator.requests_per_minute=60000",  # the judge's 60 a minute: ~40 s of waits
+         "logger=wandb", f"hydra.sweep.dir={sweep_dir}", *extra],
         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
     )
 
@@ -32,7 +33,10 @@ def _sweep(tmp_path, server, sweep_dir, *extra):
 @pytest.fixture(scope="module")
 def judged(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("judged")
-    with JudgeServer(hang_s=3.0) as server:
+    # each fault to another question (the retries and re-asks of a question are answered): without a
+    # rate limit of the judge's own, 4 questions in flight could otherwise meet garbage and bad JSON in one
+    # question (missing by design: tests/test_judge.py) or not, by timing
+    with JudgeServer(hang_s=3.0, faults_on_new_requests=True) as server:
         # a flaky paid API for a while: rate limits, server errors, a timeout and garbage, then answers
         for fault in ("429", "500", "hang", "garbage", "429", "bad_json", "500"):
             server.fail(fault)
