@@ -213,13 +213,13 @@ def test_guidance_from_the_command_line(tmp_path):
     assert bad.returncode == 2 and "guidance.prior=0.9" in bad.stderr
 
 
-def test_the_readmes_guider_example_plugs_in(pipe, tmp_path, monkeypatch):
-    """The README's worked example, as written there: one module plus its YAML node."""
+def test_the_docs_guider_example_plugs_in(pipe, tmp_path, monkeypatch):
+    """The worked example of docs/extending.md, as written there: one module plus its YAML node."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    code = re.search(r"```python\n(import torch\n\nfrom negstudy.guidance import Guidance, Guider.*?)```", readme, re.S).group(1)
+    page = (Path(__file__).parents[1] / "docs" / "extending.md").read_text()
+    code = re.search(r"```python\n(import torch\n\nfrom negstudy.guidance import Guidance, Guider.*?)```", page, re.S).group(1)
     (tmp_path / "scaled_neg.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
     guider = from_config(OmegaConf.create({"_target_": "scaled_neg.ScaledNegative", "c": 2.0}))

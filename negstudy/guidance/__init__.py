@@ -3,7 +3,7 @@
 Chosen by the ``guidance`` config group (``guidance=cfg|perp_neg|nag|dng|apg|tcfg``), each YAML a
 ``_target_`` built with ``hydra.utils.instantiate``; any guider runs with any schedule, the
 shared-prefix engine, the attention recorder and every study. A new guider is one module with a
-:class:`Guider` subclass plus one YAML under ``conf/guidance/`` (README, "Extending negstudy").
+:class:`Guider` subclass plus one YAML under ``conf/guidance/`` (docs/extending.md).
 """
 
 from negstudy.guidance.base import Guidance, GuideInput, Guider
