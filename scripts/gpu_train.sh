@@ -35,7 +35,11 @@
 #     OUT=/tmp/gpu_train_dry DEVICE=cpu BATCH=64 MINUTES=2 SAMPLE=4 OMP_NUM_THREADS=2 \
 #         PYTHON=.venv/bin/python bash scripts/gpu_train.sh
 #
-# Overrides (environment): DEVICE (cuda), BATCH (2048), MINUTES (7.5), SAVE_EVERY (2), SAMPLE (64),
+# The design is the CPU-trained shipped model's (negstudy/models/shapes/README.md: UNet 32-64-128 with one
+# layer per block, text encoder 2 x 128, Min-SNR-5, offset noise 0.2, the oracle probe every PROBE_EVERY
+# minutes), at a larger batch: lr 1e-3 at batch 32 scaled by sqrt(batch / 32) (4e-3 at 512; unmeasured on a GPU).
+#
+# Overrides (environment): DEVICE (cuda), BATCH (512), PROBE_EVERY (2), MINUTES (7.5), SAVE_EVERY (2), SAMPLE (64),
 # RUN_DIR (/tmp/shapes_next_run), LIMIT_S (510: hard stop of the training process), EXTRA (more
 # train_shapes.py flags, e.g. "--compile": unmeasured, its compile time counts against MINUTES).
 
@@ -43,12 +47,13 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_train}
 DEVICE=${DEVICE:-cuda}
-BATCH=${BATCH:-2048}
+BATCH=${BATCH:-512}
 MINUTES=${MINUTES:-7.5}
 SAVE_EVERY=${SAVE_EVERY:-2}
 RUN_DIR=${RUN_DIR:-/tmp/shapes_next_run}
 LIMIT_S=${LIMIT_S:-510}
 SAMPLE=${SAMPLE:-64}
+PROBE_EVERY=${PROBE_EVERY:-2}
 EXTRA=${EXTRA:-}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
@@ -85,8 +90,9 @@ rm -rf "$RUN_DIR"
 # shellcheck disable=SC2086
 timeout -s INT -k 30 "$LIMIT_S" "$PY" scripts/train_shapes.py --out "$RUN_DIR" --package "$OUT" --device "$DEVICE" \
     --data torch --minutes "$MINUTES" --save-every-minutes "$SAVE_EVERY" --batch-size "$BATCH" \
-    --lr 5e-4 --lr-base-batch 512 --lr-scaling sqrt --warmup-steps 250 --offset-noise 0.2 \
-    --unet-channels 32,64,128 --text-width 256 --text-layers 4 --sample "$SAMPLE" --progress lines --log-every 100 $EXTRA
+    --lr 1e-3 --lr-base-batch 32 --lr-scaling sqrt --warmup-steps 250 --offset-noise 0.2 --min-snr 5 \
+    --unet-channels 32,64,128 --unet-layers 1 --text-width 128 --text-layers 2 \
+    --probe-every-minutes "$PROBE_EVERY" --probe-n 128 --sample "$SAMPLE" --progress lines --log-every 100 $EXTRA
 rc=$?
 echo "[${SECONDS}s] == train_shapes.py exit $rc; \$OUT holds:"
 ls -la "$OUT"

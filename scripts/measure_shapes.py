@@ -2,6 +2,7 @@
 
     python scripts/measure_shapes.py                      # the shipped model, 256 captions
     python scripts/measure_shapes.py --model DIR --n 512 --device cuda --json out.json
+    python scripts/measure_shapes.py --clip none          # the oracle only (no second reading by the shapes CLIP)
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main() -> None:
     ap.add_argument("--scheduler", default="default", choices=["default", "pndm", "ddim", "euler", "dpmpp"])
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--clip", default="builtin:shapes_clip",
+                    help="a shapes-world CLIP that reads the same images a second time (clip_* rows); 'none' to skip")
     ap.add_argument("--json", help="also write the numbers here")
     args = ap.parse_args()
 
@@ -36,8 +39,14 @@ def main() -> None:
     cfg = OmegaConf.structured(ModelConfig(name="shapes", path=args.model, scheduler=args.scheduler, dtype="fp32"))
     pipe = load_pipeline(cfg, device)
     sampler = NegativeSampler(pipe, steps=args.steps, guidance_scale=args.guidance)
+    clip = None
+    if args.clip != "none":
+        from negstudy.config import ClipConfig
+        from negstudy.evaluators.clip import ClipEvaluator
+
+        clip = ClipEvaluator.from_config(OmegaConf.structured(ClipConfig(path=args.clip)), "shapes")
     start = time.perf_counter()
-    result = measure(sampler, n=args.n, seed=args.seed, batch_size=args.batch_size)
+    result = measure(sampler, n=args.n, seed=args.seed, batch_size=args.batch_size, clip=clip)
     result.update(model=args.model, device=str(device), seconds=round(time.perf_counter() - start, 1),
                   torch=torch.__version__)
     print(format_report(result))

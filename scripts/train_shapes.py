@@ -92,6 +92,10 @@ WARMUP_STEPS = 500
 LR_FLOOR = 0.1  # cosine decays to 10 % of the peak
 SAMPLE_SEED = 1_000_003  # world seed of the fixed sample captions (never a training seed in practice)
 LOG_HEADER = ["step", "loss", "lr", "elapsed_s", "loss_window"]
+PROBE_SEED = 2_000_003  # world seed of the probe's captions (the measure protocol's draw, another seed)
+PROBE_KEYS = ("object_recall", "background_right", "caption_exact", "attribute_recall", "images_with_unnamed_object")
+PROBE_HEADER = ["step", "train_minutes", "images_seen", "probe_seconds", "score"] + \
+    [f"{k}{suffix}" for k in PROBE_KEYS for suffix in ("", "_lo", "_hi")]
 # the files a --package directory holds (a size-limited output folder: <= 8 files, flat)
 PACKAGE_FILES = ("unet.safetensors", "text_encoder.safetensors", "training_log.csv", "meta.json", "samples.png")
 
@@ -136,6 +140,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-from", type=Path, default=None,
                    help="start a fresh run from the weights of an exported model directory (fine-tuning; same architecture)")
     p.add_argument("--p-uncond", type=float, default=P_UNCOND, help="probability of replacing the caption by \"\" (CFG dropout)")
+    p.add_argument("--min-snr", type=float, default=0.0, metavar="GAMMA",
+                   help="Min-SNR loss weighting (Hang et al. 2023): weight min(SNR, GAMMA) / SNR for epsilon, "
+                        "min(SNR, GAMMA) / (SNR + 1) for v-prediction (0: plain MSE; 5 is the paper's value)")
+    # quality probe
+    p.add_argument("--probe-every-minutes", type=float, default=0.0, metavar="M",
+                   help="every M training minutes (and at the end), sample --probe-n fixed captions from the EMA weights "
+                        "(PNDM 30 steps, guidance 7.5, fixed seeds), read them with the oracle, append object recall, "
+                        "background right and caption-exact to <out>/probe.csv, write <out>/probe/step_*.png, and keep "
+                        "the best-scoring EMA weights in <out>/best/ (0: off). Probe time is not training time.")
+    p.add_argument("--probe-n", type=int, default=128, help="captions per probe (one image each)")
     # model (ignored with --resume: the checkpoint's config is used)
     p.add_argument("--unet-channels", default="64,128,192", help="block_out_channels, comma-separated")
     p.add_argument("--unet-layers", type=int, default=2, help="layers_per_block")
@@ -243,6 +257,14 @@ def inference_scheduler(zero_snr: bool = False) -> PNDMScheduler:
                              steps_offset=1, set_alpha_to_one=False)
     return PNDMScheduler(**BETAS, prediction_type="epsilon", skip_prk_steps=True, steps_offset=1,
                          set_alpha_to_one=False)
+
+
+def min_snr_weights(abar: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., ICCV 2023) for the timesteps' alpha-bar: the x0-space
+    weight SNR capped at gamma, expressed for the epsilon loss (min(SNR, gamma) / SNR) or the v loss
+    (min(SNR, gamma) / (SNR + 1))."""
+    snr = (abar / (1 - abar)).clamp_min(1e-8)
+    return snr.clamp(max=gamma) / (snr + 1 if v_prediction else snr)
 
 
 def scaled_lr(args) -> float:
@@ -559,6 +581,33 @@ def image_grid(images: np.ndarray, upscale=4, pad=2) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# quality probe: the oracle's reading of fixed samples from the EMA weights
+
+
+def probe_captions(n: int) -> list[str]:
+    """The probe's fixed captions: the world's own caption distribution (as scripts/measure_shapes.py) at PROBE_SEED."""
+    from negstudy.shapes import world
+
+    rng = np.random.default_rng(PROBE_SEED)
+    return [world.caption(world.sample_scene(rng)) for _ in range(n)]
+
+
+def probe_score(rates: dict) -> float:
+    """One number to rank probes: the mean of object recall, background right and caption-exact."""
+    return float(np.mean([rates["object_recall"], rates["background_right"], rates["caption_exact"]]))
+
+
+@torch.no_grad()
+def run_probe(unet, text, tokenizer, captions: list[str], device, zero_snr: bool, batch: int = 64):
+    """(uint8 images (N, 32, 32, 3), oracle rates with Wilson intervals) for the probe's captions, seed i for caption i."""
+    from negstudy.shapes.quality import score_images
+
+    imgs = torch.cat([sample_images(unet, text, tokenizer, captions[i: i + batch], device, seed=PROBE_SEED + i,
+                                    zero_snr=zero_snr) for i in range(0, len(captions), batch)]).numpy()
+    return imgs, score_images(imgs, captions)
+
+
+# --------------------------------------------------------------------------------------------
 # training
 
 
@@ -643,6 +692,8 @@ def main(argv=None):
 
     step, elapsed_prev, chunk_idx, pos, perm = 0, 0.0, 0, 0, None
     log_rows: list[list] = []
+    probe_rows: list[list] = []
+    best_score = -1.0
     loss_smooth = None
     if state is not None:
         unet.load_state_dict(state["unet"])
@@ -652,6 +703,7 @@ def main(argv=None):
         step, elapsed_prev = state["step"], state["elapsed"]
         chunk_idx, pos, perm = state["chunk"], state["pos"], state["perm"]
         log_rows, loss_smooth = state["log"], state["loss_smooth"]
+        probe_rows, best_score = state.get("probe", []), state.get("best_score", -1.0)
         set_rng_state(state["rng"], device)
         print(f"resumed from {ckpt_dir} at step {step} ({elapsed_prev / 60:.1f} min trained)", flush=True)
     fwd_unet = torch.compile(unet) if args.compile else unet
@@ -725,12 +777,43 @@ def main(argv=None):
             "chunk": chunk_idx, "pos": pos, "perm": perm, "rng": rng_state(device),
             "log": log_rows, "loss_smooth": loss_smooth, "model_config": cfg, "seed": args.seed,
             "chunk_size": args.chunk_size, "part_size": args.part_size, "batch_size": B, "zero_snr": args.zero_snr,
+            "probe": probe_rows, "best_score": best_score,
             "args": vars(args) | {"out": str(out)},
         }
         save_checkpoint(out, st, log_rows)
         export_model(out, ema, export_dtype, meta(), log_rows, args.zero_snr)
+        if probe_rows:
+            write_csv(out / "model" / "probe.csv", PROBE_HEADER, probe_rows)
         if args.package is not None:
             write_package(args.package, ema, export_dtype, package_meta(), log_rows)
+
+    captions_probe = probe_captions(args.probe_n) if args.probe_every_minutes > 0 else []
+
+    def probe():
+        """Sample, read, log; export the EMA weights to <out>/best/ when the score is the best so far."""
+        nonlocal t_start, best_score
+        t = time.monotonic()
+        u, tx = ema.shadow
+        imgs, r = run_probe(u, tx, tokenizer, captions_probe, device, args.zero_snr)
+        secs = time.monotonic() - t
+        t_start += secs  # probe time is not training time
+        score = probe_score(r)
+        probe_rows.append([step, f"{elapsed() / 60:.2f}", step * B, f"{secs:.1f}", f"{score:.4f}"] +
+                          [f"{r[k + sfx]:.4f}" for k in PROBE_KEYS for sfx in ("", "_lo", "_hi")])
+        write_csv(out / "probe.csv", PROBE_HEADER, probe_rows)
+        (out / "probe").mkdir(exist_ok=True)
+        write_png(out / "probe" / f"step_{step:07d}.png", image_grid(imgs))
+        (out / "probe" / "captions.txt").write_text("".join(f"{i}\t{c}\n" for i, c in enumerate(captions_probe)))
+        best = score > best_score
+        if best:
+            best_score = score
+            write_model_dir(out / "best", u, tx, export_dtype, meta() | {"probe": dict(zip(PROBE_HEADER, probe_rows[-1]))},
+                            log_rows, out / "tokenizer", args.zero_snr)
+            write_csv(out / "best" / "probe.csv", PROBE_HEADER, probe_rows)
+        msg = (f"probe @ step {step} ({elapsed() / 60:.1f} train min, {secs:.0f} s): object recall {r['object_recall']:.1%}, "
+               f"background right {r['background_right']:.1%}, caption-exact {r['caption_exact']:.1%}"
+               f"{' (best so far: exported to ' + str(out / 'best') + ')' if best else ''}")
+        tqdm.write(msg) if args.progress == "bar" else print(msg, flush=True)
 
     def budget_left() -> bool:
         if args.steps is not None and step >= args.steps:
@@ -743,6 +826,7 @@ def main(argv=None):
     n_acc = 0
     lr = lr_at(args, step, elapsed())
     last_save = time.monotonic()
+    last_probe_min = (float(probe_rows[-1][1]) if probe_rows else 0.0)
     bar = tqdm(total=args.steps, initial=step, unit="it", dynamic_ncols=True, mininterval=1.0, smoothing=0.1,
                disable=args.progress == "lines")
     last_bar_step = step
@@ -775,7 +859,11 @@ def main(argv=None):
                     rows, inverse, empty_row = chunk_text
                     cond = text(rows).last_hidden_state[torch.where(drop, empty_row, inverse[idx])]
                 pred = fwd_unet(xt, t, encoder_hidden_states=cond).sample
-            loss = F.mse_loss(pred.float(), target)
+            if args.min_snr > 0:
+                w = min_snr_weights(ac[t], args.min_snr, args.zero_snr)
+                loss = (w * (pred.float() - target).pow(2).mean(dim=(1, 2, 3))).mean()
+            else:
+                loss = F.mse_loss(pred.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -801,6 +889,11 @@ def main(argv=None):
                           f"{step * B / max(el, 1e-9):.0f} img/s overall", flush=True)
                 if not math.isfinite(window):
                     raise SystemExit(f"loss is {window} at step {step}; stopping (last checkpoint kept)")
+            if not done and args.probe_every_minutes > 0 and elapsed() / 60 - last_probe_min >= args.probe_every_minutes:
+                probe()
+                last_probe_min = elapsed() / 60
+                save()  # the probe's row is in the checkpoint: a resumed run never repeats or loses it
+                last_save = time.monotonic()
             if not done and time.monotonic() - last_save >= 60 * args.save_every_minutes:
                 save()
                 last_save = time.monotonic()
@@ -813,6 +906,8 @@ def main(argv=None):
 
     trained_s = elapsed()
     elapsed = lambda: trained_s  # noqa: E731  (training time is final: sampling below does not count)
+    if args.probe_every_minutes > 0 and (not probe_rows or int(probe_rows[-1][0]) != step):
+        probe()
     save()
     print(f"trained {step} steps in {trained_s / 60:.2f} min ({step / max(trained_s, 1e-9):.2f} it/s, "
           f"{step * B / max(trained_s, 1e-9):.0f} images/s overall; {step * B:,} images); "

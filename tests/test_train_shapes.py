@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,55 @@ def test_text_encoder_once_per_distinct_caption_is_exact(tmp_path, capsys):
         # the same update up to float summation order (Adam's first steps amplify it only where
         # a gradient is ~0); a wrong gather would change the text encoder's update entirely
         assert (da - db).norm() / da.norm() < 1e-2, key
+
+
+def test_min_snr_weights_cap_the_x0_weight():
+    ts = load_script()
+    abar = torch.tensor([0.5, 10 / 11, 0.99])  # SNR 1, 10, 99
+    eps = ts.min_snr_weights(abar, 5.0, v_prediction=False)
+    assert torch.allclose(eps, torch.tensor([1.0, 0.5, 5 / 99]), atol=1e-5)
+    v = ts.min_snr_weights(abar, 5.0, v_prediction=True)
+    assert torch.allclose(v, torch.tensor([0.5, 5 / 11, 5 / 100]), atol=1e-5)
+
+
+def test_probe_scores_world_images_and_rejects_wrong_captions():
+    """The probe's scorer reads the world's own images as right, and the same images under other
+    captions as wrong: it measures agreement, not a constant."""
+    from negstudy.shapes.quality import score_images
+    from negstudy.shapes.world import sample_dataset
+
+    images, captions, _ = sample_dataset(48, seed=7)
+    right = score_images(images, list(captions))
+    assert right["object_recall"] >= 0.95 and right["background_right"] >= 0.95 and right["caption_exact"] >= 0.9
+    assert right["object_recall_lo"] <= right["object_recall"] <= right["object_recall_hi"]
+    wrong = score_images(images, list(captions[1:]) + [captions[0]])
+    assert wrong["background_right"] < 0.6 and wrong["caption_exact"] < 0.5
+
+
+@pytest.mark.timeout(400)
+def test_probe_inside_training_logs_keeps_best_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ts = load_script()
+    out = tmp_path / "run"
+    probe = ["--probe-every-minutes", "1e-6", "--probe-n", "4", "--min-snr", "5", "--progress", "lines"]
+    wall = time.monotonic()
+    ts.main(["--out", str(out), *TINY, "--steps", "2", *probe])
+    wall = time.monotonic() - wall
+    rows = read_log(out / "probe.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2]  # one probe per step at this interval, none repeated at the end
+    for r in rows:
+        for k in ("object_recall", "background_right", "caption_exact"):
+            assert 0.0 <= float(r[k + "_lo"]) <= float(r[k]) <= float(r[k + "_hi"]) <= 1.0
+        assert float(r["probe_seconds"]) > 0 and int(r["images_seen"]) == 4 * int(r["step"])
+    assert (out / "probe" / "step_0000002.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "probe" / "captions.txt").read_text().splitlines()) == 4
+    best = json.loads((out / "best" / "model_index.json").read_text())["negstudy"]
+    scores = [float(r["score"]) for r in rows]
+    assert float(best["probe"]["score"]) == max(scores)
+    assert read_log(out / "model" / "probe.csv") == rows
+    # probe time is not training time: training time and probe time add up to no more than the wall time
+    assert float(rows[-1]["train_minutes"]) * 60 + sum(float(r["probe_seconds"]) for r in rows) <= wall + 1.0
+
+    ts.main(["--out", str(out), *TINY, "--steps", "3", "--resume", *probe])
+    again = read_log(out / "probe.csv")
+    assert again[:2] == rows and [int(r["step"]) for r in again] == [1, 2, 3]
