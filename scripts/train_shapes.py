@@ -59,6 +59,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import struct
 import sys
 import time
@@ -611,12 +612,20 @@ def run_probe(unet, text, tokenizer, captions: list[str], device, zero_snr: bool
 # training
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.assemble is not None:
         dest = assemble(args.assemble, args.out)
         print(f"assembled {dest} from {args.assemble}", flush=True)
         return
+    # SIGINT and SIGTERM end training with a clean save: a shell starts background jobs with SIGINT
+    # ignored (then Python installs no handler), and `kill` sends SIGTERM
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     if args.batch_size is None:
@@ -898,7 +907,7 @@ def main(argv=None):
                 save()
                 last_save = time.monotonic()
     except KeyboardInterrupt:
-        print(f"\ninterrupted at step {step}; saving", flush=True)
+        print(f"\ninterrupted at step {step} (SIGINT or SIGTERM); saving", flush=True)
     finally:
         bar.close()
         if source is not None:

@@ -68,7 +68,7 @@ def test_fixed_rows_make_a_row_independent_of_its_batch(shapes_pipe):
     assert sampler.fixed_rows == 8  # the CPU default for this small UNet
     unet, gen = sampler.unet, torch.Generator().manual_seed(0)
     x = torch.randn(5, 3, 32, 32, generator=gen)
-    cond = torch.randn(5, 77, 256, generator=gen)
+    cond = torch.randn(5, 77, unet.config.cross_attention_dim, generator=gen)
     with torch.no_grad(), FixedRows(8):
         whole = unet(x, 500, encoder_hidden_states=cond).sample
         alone = unet(x[3:4], 500, encoder_hidden_states=cond[3:4]).sample

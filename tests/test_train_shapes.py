@@ -283,3 +283,28 @@ def test_probe_inside_training_logs_keeps_best_and_resumes(tmp_path, monkeypatch
     ts.main(["--out", str(out), *TINY, "--steps", "3", "--resume", *probe])
     again = read_log(out / "probe.csv")
     assert again[:2] == rows and [int(r["step"]) for r in again] == [1, 2, 3]
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_in_a_background_job_ends_in_a_clean_save(tmp_path):
+    """`kill` (SIGTERM) and Ctrl-C save a checkpoint, even in a job a shell started with SIGINT ignored."""
+    import signal
+
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(out), *TINY, "--minutes", "30",
+                             "--progress", "lines", "--log-every", "1"], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 2 "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    text = "".join(lines) + rest
+    assert proc.returncode == 0, text[-3000:]
+    assert "interrupted at step" in text
+    step = json.loads((out / "checkpoint" / "progress.json").read_text())["step"]
+    assert step >= 2 and json.loads((out / "model" / "model_index.json").read_text())["negstudy"]["train_steps"] == step
