@@ -154,15 +154,35 @@ def run(cfg: DictConfig, out_dir: Path, body: Callable[[], None], *, multirun: b
     return Outcome("done", digest)
 
 
+def local_launcher_cpus() -> int | None:
+    """``hydra.launcher.cpus_per_task`` inside a job of submitit's local executor, which starts every
+    job of the sweep at once and, unlike SLURM, allocates no cores: the job holds itself to that many."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "local":
+        return None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        cpus = HydraConfig.get().launcher.get("cpus_per_task")
+    except (ValueError, AttributeError):  # no Hydra job, or a launcher without the field
+        return None
+    return int(cpus) if isinstance(cpus, int) and cpus > 0 else None
+
+
 def size_threads() -> int:
-    """Torch threads from the job's CPU allocation: SLURM_CPUS_PER_TASK, else the affinity mask
-    (never more; a smaller OMP_NUM_THREADS wins). Without this every task of a node uses every core."""
+    """Torch threads from the job's CPU allocation: SLURM_CPUS_PER_TASK, else (submitit's local
+    executor) the launcher's cpus_per_task, else the affinity mask (never more; a smaller
+    OMP_NUM_THREADS wins). Without this every task of a node uses every core, and jobs that share
+    cores slow each other several-fold."""
     import torch
 
+    affinity = len(os.sched_getaffinity(0))
+    local = local_launcher_cpus()
     if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
         n, source = int(os.environ["SLURM_CPUS_PER_TASK"]), "SLURM_CPUS_PER_TASK"
+    elif local is not None:
+        n, source = min(local, affinity), "hydra.launcher.cpus_per_task (submitit local)"
     else:
-        n, source = len(os.sched_getaffinity(0)), "CPU affinity"
+        n, source = affinity, "CPU affinity"
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and 0 < int(os.environ["OMP_NUM_THREADS"]) < n:
         n, source = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
     torch.set_num_threads(max(n, 1))

@@ -230,6 +230,22 @@ def model_config_from_args(args, tokenizer: CLIPTokenizer) -> dict:
     return {"unet": unet, "text": text}
 
 
+def model_config_from_dir(src: Path, tokenizer: CLIPTokenizer) -> dict:
+    """The architecture of an exported model directory (for --init-from): its UNet and text-encoder
+    configs, which override the --unet-* / --text-* flags. The vocabulary must be today's."""
+    if not (src / "unet" / "config.json").is_file() or not (src / "text_encoder" / "config.json").is_file():
+        raise SystemExit(f"--init-from {src}: not an exported model directory (needs unet/ and text_encoder/)")
+    unet_cfg = UNet2DConditionModel.load_config(str(src), subfolder="unet")
+    text_cfg = CLIPTextConfig.from_pretrained(str(src), subfolder="text_encoder").to_dict()
+    if text_cfg["vocab_size"] != len(tokenizer):
+        raise SystemExit(f"--init-from {src}: vocabulary of {text_cfg['vocab_size']} tokens, the world has {len(tokenizer)}")
+    unet = {k: v for k, v in unet_cfg.items() if not k.startswith("_")}
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings", "projection_dim", "pad_token_id", "bos_token_id", "eos_token_id")
+    text = {k: text_cfg[k] for k in keys if k in text_cfg}
+    return {"unet": unet, "text": text}
+
+
 def build_models(cfg: dict):
     unet_kw = dict(cfg["unet"])
     for k in ("block_out_channels", "down_block_types", "up_block_types"):
@@ -678,7 +694,10 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         tokenizer = save_clip_tokenizer(list(VOCABULARY), out / "tokenizer", model_max_length=MAX_LEN)
         tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
-        cfg = model_config_from_args(args, tokenizer)
+        if args.init_from is not None:
+            cfg = model_config_from_dir(args.init_from, tokenizer)
+        else:
+            cfg = model_config_from_args(args, tokenizer)
 
     unet, text = build_models(cfg)
     if args.init_from is not None and state is None:
@@ -816,7 +835,7 @@ def main(argv=None):
         best = score > best_score
         if best:
             best_score = score
-            write_model_dir(out / "best", u, tx, export_dtype, meta() | {"probe": dict(zip(PROBE_HEADER, probe_rows[-1]))},
+            write_model_dir(out / "best", u, tx, export_dtype, meta() | {"probe": {k: v if isinstance(v, int) else float(v) for k, v in zip(PROBE_HEADER, probe_rows[-1])}},
                             log_rows, out / "tokenizer", args.zero_snr)
             write_csv(out / "best" / "probe.csv", PROBE_HEADER, probe_rows)
         msg = (f"probe @ step {step} ({elapsed() / 60:.1f} train min, {secs:.0f} s): object recall {r['object_recall']:.1%}, "

@@ -17,9 +17,11 @@ from hydra import compose, initialize_config_module
 from negstudy import jobs
 from negstudy.config import register_configs
 
-# A removal sweep small enough for a test: two prompt shards (the overlay's grid), 4 captions, 3 seeds
-# (4 objects to remove, in both shards).
-SWEEP = [sys.executable, "-m", "negstudy", "+sweep=removal", "steps=10", "seeds=[0,1,2]", "dataset.limit=4", "logger=none"]
+# A removal sweep small enough for a test: two prompt shards (the overlay's grid), 4 captions, 2 seeds,
+# 20 steps (the shipped model's images need ~20 PNDM steps; at 10 its colours saturate). On the shipped
+# model these captions and seeds leave objects to remove in both shards (4 suns in shard 0, 2 in shard 1).
+CAPTIONS = "dataset.captions=['a view at night','a view of the sky','a tree at night','a kite at night']"
+SWEEP = [sys.executable, "-m", "negstudy", "+sweep=removal", "steps=20", "seeds=[0,1]", CAPTIONS, "fixed_rows=8", "logger=none"]
 
 
 def _cfg(*overrides):
@@ -57,6 +59,8 @@ def test_submitit_local_multirun_then_a_rerun_skips_every_finished_job(tmp_path)
     assert last == f"negstudy: outputs -> {sweep}; report -> {sweep / 'report' / 'report.html'}"
     logs = list(sweep.glob(".submitit/*/*_log.out"))
     assert len(logs) == 2 and all("negstudy: report ->" in p.read_text() for p in logs)  # each job's own stdout
+    # submitit starts both jobs at once on this machine: each holds itself to the launcher's cpus_per_task
+    assert all("torch threads: 1 (from hydra.launcher.cpus_per_task (submitit local))" in p.read_text() for p in logs)
     before = {p: p.read_bytes() for p in sweep.glob("*/*.parquet")}
     second = _run(command, tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -72,7 +76,7 @@ def test_submitit_local_multirun_then_a_rerun_skips_every_finished_job(tmp_path)
 
 def test_one_failing_job_does_not_stop_the_others_and_the_summary_says_how_to_rerun(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = _run(SWEEP + ["steps=10,0", f"hydra.sweep.dir={sweep}"], tmp_path)  # steps=0 is invalid: 2 of 4 jobs fail
+    proc = _run(SWEEP + ["steps=20,0", f"hydra.sweep.dir={sweep}"], tmp_path)  # steps=0 is invalid: 2 of 4 jobs fail
     assert proc.returncode == 1, proc.stderr[-3000:]
     summary = json.loads((sweep / "summary.json").read_text())
     assert (summary["done"], summary["failed"]) == (2, 2)

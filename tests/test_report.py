@@ -63,8 +63,8 @@ def test_multirun_ends_with_one_report_over_all_jobs(tmp_path):
     """A real Hydra multirun (the overlay's two prompt shards x a command-line axis) and the pooled report."""
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "negstudy", "+sweep=reverse_activation", "steps=4", "sweep.screen_seeds=2",
-         "sweep.max_seeds=1", "sweep.stride=2", "dataset.limit=2", "save_images=false", "logger=wandb",
+        [sys.executable, "-m", "negstudy", "+sweep=reverse_activation", "steps=20", "sweep.screen_seeds=2",
+         "sweep.max_seeds=1", "sweep.stride=5", "dataset.limit=2", "save_images=false", "logger=wandb",
          "evaluator=oracle",  # the oracle finds an absent seed among 2 in both shards (the ensemble may be unsure)
          f"hydra.sweep.dir={sweep}"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
@@ -77,7 +77,7 @@ def test_multirun_ends_with_one_report_over_all_jobs(tmp_path):
     assert len(negatives[0] | negatives[1]) == 2 and not negatives[0] & negatives[1]  # disjoint shards of 2 pairs
     pooled = pd.read_csv(sweep / "report" / "reverse_activation.csv")
     per_job = sum(len(pd.read_parquet(sweep / j / "reverse.parquet")) for j in jobs)
-    assert (pooled.n_pair_seeds + pooled.n_unsure).sum() == per_job and sorted(pooled.k) == [0, 2, 4, 5]  # unsure: counted apart
+    assert (pooled.n_pair_seeds + pooled.n_unsure).sum() == per_job and sorted(pooled.k) == [0, 5, 10, 15, 20, 21]  # unsure: counted apart
     assert (pooled.n_pairs <= 2).all()
     from negstudy.tracking import read_offline_run
 

@@ -254,7 +254,9 @@ def test_report_build_writes_the_scorecard(tmp_path):
 def test_the_shipped_models_card_is_named_from_the_package_and_other_paths_by_their_last_parts(tmp_path):
     job(tmp_path / "run", "0", "builtin:shapes", ratio=ratio_rows(2, 2, lambda p: bump(5, 0.07)))
     _, inst = scorecard.scorecard(tmp_path / "run")
-    assert "[negstudy/models/shapes/README.md]" in inst.model_text and "[negstudy/models/shapes/reader_agreement.json]" in inst.reader_text
+    assert "[negstudy/models/shapes/quality.json]" in inst.model_text
+    # the shipped model's reader is not validated yet (its agreement was measured on the previous model's images)
+    assert "reader not validated (no reader_agreement.json beside the model)" in inst.reader_text and not inst.reader_ok
     assert inst.models == ["planted (builtin:shapes)"]
     header = scorecard.markdown(tmp_path / "run")[1]
     assert "Run: `" + tmp_path.name + "/run`" in header and str(tmp_path) not in header
