@@ -17,11 +17,12 @@ from hydra import compose, initialize_config_module
 from negstudy import jobs
 from negstudy.config import register_configs
 
-# A removal sweep small enough for a test: two prompt shards (the overlay's grid), 4 captions, 2 seeds,
-# 20 steps (the shipped model's images need ~20 PNDM steps; at 10 its colours saturate). On the shipped
-# model these captions and seeds leave objects to remove in both shards (4 suns in shard 0, 2 in shard 1).
+# A removal sweep small enough for a test: two prompt shards (the overlay's grid), 4 captions, seed 1,
+# 20 steps (the shipped model's images need ~20 PNDM steps; at 10 its colours saturate), blocks of 8
+# rows (the overlay's 32 would pad these few images 4-fold). On the shipped model every caption of
+# this list draws a sun it does not name with seed 1: two objects to remove in each shard.
 CAPTIONS = "dataset.captions=['a view at night','a view of the sky','a tree at night','a kite at night']"
-SWEEP = [sys.executable, "-m", "negstudy", "+sweep=removal", "steps=20", "seeds=[0,1]", CAPTIONS, "fixed_rows=8", "logger=none"]
+SWEEP = [sys.executable, "-m", "negstudy", "+sweep=removal", "steps=20", "seeds=[1]", CAPTIONS, "fixed_rows=8", "logger=none"]
 
 
 def _cfg(*overrides):

@@ -39,7 +39,7 @@ def test_critical_step_is_the_first_step_where_attention_concentrates_on_the_reg
 
 
 # 20 steps (the shipped model's images need ~20 PNDM steps) and captions that leave objects to remove
-# on the shipped model: suns in "at night" scenes (6 in shard 0, 2 in shard 1 with seeds 0..2).
+# on the shipped model: with seed 1 each of them draws a sun it does not name (two per shard).
 CAPTIONS = "dataset.captions=['a view at night','a view of the sky','a tree at night','a kite at night']"
 
 
@@ -48,7 +48,7 @@ def removal_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("removal")
     out = root / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "negstudy", "+sweep=removal", "steps=20", "seeds=[0,1,2]", CAPTIONS, "logger=none",
+        [sys.executable, "-m", "negstudy", "+sweep=removal", "steps=20", "seeds=[1]", CAPTIONS, "fixed_rows=8", "logger=none",
          "removal.max_regenerations=2", "evaluator=oracle", f"hydra.sweep.dir={out}"],  # the tests re-read with the oracle
         capture_output=True, text=True, timeout=600, cwd=root,
     )
@@ -59,7 +59,7 @@ def removal_sweep(tmp_path_factory):
 def test_removal_sweep_runs_every_method_on_every_unnamed_object(removal_sweep):
     out, stdout = removal_sweep
     originals = pd.concat([pd.read_parquet(p) for p in sorted(out.glob("*/originals.parquet"))])
-    assert len(originals) == 4 * 3 and originals.judged.all()  # 4 captions x 3 seeds over the two shards
+    assert len(originals) == 4 and originals.judged.all()  # 4 captions x 1 seed over the two shards
     for row in originals.itertuples():
         named = set(world.parse_caption(row.prompt).objects)
         targets = set(filter(None, row.targets.split(",")))
@@ -255,7 +255,7 @@ def test_branched_windows_equal_fresh_generations(shipped20, tmp_path, protocol,
     sampler, n = shipped20, shipped20.n_calls
     cfg = OmegaConf.create({
         "dataset": {"name": "t", "captions": ["a view at night", "a tree at night"], "limit": None},
-        "seeds": [0, 1], "batch_size": 8, "save_images": True, "sweep": {"layers": "down_up"},
+        "seeds": [1], "batch_size": 8, "save_images": True, "sweep": {"layers": "down_up"},
         "removal": OmegaConf.structured(RemovalConfig(protocol=protocol, max_regenerations=2)),
     })
     with caplog.at_level(logging.INFO, logger="negstudy"):
