@@ -176,10 +176,9 @@ def size_threads() -> int:
     import torch
 
     affinity = len(os.sched_getaffinity(0))
-    local = local_launcher_cpus()
     if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
         n, source = int(os.environ["SLURM_CPUS_PER_TASK"]), "SLURM_CPUS_PER_TASK"
-    elif local is not None:
+    elif (local := local_launcher_cpus()) is not None:
         n, source = min(local, affinity), "hydra.launcher.cpus_per_task (submitit local)"
     else:
         n, source = affinity, "CPU affinity"

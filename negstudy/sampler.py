@@ -202,7 +202,9 @@ class NegativeSampler:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        # the first parameter's device, not diffusers' ModelMixin.device: that walks every submodule (its
+        # group-offload check, ~1 ms on a CPU), and the denoising loop asks several times a step
+        return next(self.unet.parameters()).device
 
     @property
     def xl(self) -> bool:
@@ -334,15 +336,13 @@ class NegativeSampler:
             latents = self._restore([resume[lane[0]] for lane in lanes], extra)
         s = self.guidance_scale
         lane_of = self._lane_of(lanes, len(batch))
-        # 5. the denoising loop. `device`, not self.device, inside it: diffusers' ModelMixin.device walks
-        # every submodule (its group-offload check), ~1 ms a call on a CPU, several calls a step
-        device = self.device
+        # 5. the denoising loop
         for i, t in enumerate(tqdm(timesteps, desc="steps", leave=False, disable=not self.progress)):
             if i < start:
                 continue
             lanes, source = self._split(lanes, batch.plans, i)
             if len(source) != latents.shape[0]:
-                index = torch.tensor(source, device=device)
+                index = torch.tensor(source, device=self.device)
                 latents = self._copy_rows(latents, index)
                 embeds = {k: v[index] for k, v in embeds.items()}
                 pooled = {k: v[index] for k, v in pooled.items()}
@@ -354,8 +354,8 @@ class NegativeSampler:
             rows = self._rows(plans, i)
             for hook in hooks:
                 hook.before_unet(i, [(lanes[b][0], branch) for b, branch in rows])
-            index = torch.tensor([b for b, _ in rows], device=device)
-            use_neg = torch.tensor([bool(p.negative[i]) for p in plans], device=device)
+            index = torch.tensor([b for b, _ in rows], device=self.device)
+            use_neg = torch.tensor([bool(p.negative[i]) for p in plans], device=self.device)
             self.guider.before_unet(i, rows, use_neg, embeds)
             model_in = self.scheduler.scale_model_input(latents[index], t)
             cond = torch.cat([embeds[branch][b : b + 1] for b, branch in rows])
@@ -368,7 +368,7 @@ class NegativeSampler:
                 eps[branch][b] = out[j]
             x = GuideInput(i, len(timesteps), int(t), int(timesteps[i + 1]) if i + 1 < len(timesteps) else None, s,
                            latents, eps, use_neg)
-            applied = self.guider(x, torch.tensor([float(p.inject[i]) for p in plans], device=device))
+            applied = self.guider(x, torch.tensor([float(p.inject[i]) for p in plans], device=self.device))
             guided = applied.pred
             if hooks:
                 snap = lambda b, i=i, latents=latents, lane_of=lane_of: self._snapshot(batch, b, i, latents, int(lane_of[b]), extra)

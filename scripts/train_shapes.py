@@ -835,7 +835,8 @@ def main(argv=None):
         best = score > best_score
         if best:
             best_score = score
-            write_model_dir(out / "best", u, tx, export_dtype, meta() | {"probe": {k: v if isinstance(v, int) else float(v) for k, v in zip(PROBE_HEADER, probe_rows[-1])}},
+            probe_meta = {k: v if isinstance(v, int) else float(v) for k, v in zip(PROBE_HEADER, probe_rows[-1])}
+            write_model_dir(out / "best", u, tx, export_dtype, meta() | {"probe": probe_meta},
                             log_rows, out / "tokenizer", args.zero_snr)
             write_csv(out / "best" / "probe.csv", PROBE_HEADER, probe_rows)
         msg = (f"probe @ step {step} ({elapsed() / 60:.1f} train min, {secs:.0f} s): object recall {r['object_recall']:.1%}, "

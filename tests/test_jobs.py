@@ -17,12 +17,12 @@ from hydra import compose, initialize_config_module
 from negstudy import jobs
 from negstudy.config import register_configs
 
-# A removal sweep small enough for a test: two prompt shards (the overlay's grid), 4 captions, seed 1,
-# 20 steps (the shipped model's images need ~20 PNDM steps; at 10 its colours saturate), blocks of 8
-# rows (the overlay's 32 would pad these few images 4-fold). On the shipped model every caption of
-# this list draws a sun it does not name with seed 1: two objects to remove in each shard.
-CAPTIONS = "dataset.captions=['a view at night','a view of the sky','a tree at night','a kite at night']"
-SWEEP = [sys.executable, "-m", "negstudy", "+sweep=removal", "steps=20", "seeds=[1]", CAPTIONS, "fixed_rows=8", "logger=none"]
+sys.path.insert(0, str(Path(__file__).parent))
+from shipped_sweeps import REMOVAL  # noqa: E402
+
+# A removal sweep small enough for a test: two prompt shards (the overlay's grid), 4 captions, one
+# seed, two objects to remove in each shard (tests/shipped_sweeps.py).
+SWEEP = [sys.executable, "-m", "negstudy", *REMOVAL, "logger=none"]
 
 
 def _cfg(*overrides):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,9 @@ from PIL import Image
 
 from negstudy.shapes import oracle, world
 from negstudy.studies.removal import critical_step, named_in, scale, strip_name
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shipped_sweeps import REMOVAL  # noqa: E402
 
 
 def test_named_in_matches_whole_words_and_plurals():
@@ -38,17 +42,12 @@ def test_critical_step_is_the_first_step_where_attention_concentrates_on_the_reg
     assert critical_step(maps, mask, hit_lift=2.0) == 3
 
 
-# 20 steps (the shipped model's images need ~20 PNDM steps) and captions that leave objects to remove
-# on the shipped model: with seed 1 each of them draws a sun it does not name (two per shard).
-CAPTIONS = "dataset.captions=['a view at night','a view of the sky','a tree at night','a kite at night']"
-
-
 @pytest.fixture(scope="module")
 def removal_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("removal")
     out = root / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "negstudy", "+sweep=removal", "steps=20", "seeds=[1]", CAPTIONS, "fixed_rows=8", "logger=none",
+        [sys.executable, "-m", "negstudy", *REMOVAL, "logger=none",  # one seed, 2 objects per shard (shipped_sweeps.py)
          "removal.max_regenerations=2", "evaluator=oracle", f"hydra.sweep.dir={out}"],  # the tests re-read with the oracle
         capture_output=True, text=True, timeout=600, cwd=root,
     )

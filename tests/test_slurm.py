@@ -22,11 +22,12 @@ from negstudy import jobs
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm_single_node.sh"
 STATE = Path(os.environ.get("NEGSTUDY_SLURM_DIR", "/var/tmp/negstudy-slurm"))
-# The submitit-local test's removal sweep (tests/test_jobs.py): two prompt shards of two captions
+sys.path.insert(0, str(Path(__file__).parent))
+from shipped_sweeps import REMOVAL  # noqa: E402
+
+# The submitit-local test's removal sweep (tests/shipped_sweeps.py): two prompt shards of two captions
 # each, objects to remove in both, and a third cell, dataset.shard=2, that the job itself rejects (2 shards only).
-CAPTIONS = "dataset.captions=['a view at night','a view of the sky','a tree at night','a kite at night']"
-SWEEP = [sys.executable, "-m", "negstudy", "+sweep=removal", "steps=20", "seeds=[1]", CAPTIONS, "fixed_rows=8", "logger=none",
-         "dataset.shard=0,1,2"]
+SWEEP = [sys.executable, "-m", "negstudy", *REMOVAL, "logger=none", "dataset.shard=0,1,2"]
 LAUNCHER = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
             "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10"]
 
