@@ -145,7 +145,8 @@ def run(cfg: DictConfig, out_dir: Path, body: Callable[[], None], *, multirun: b
             raise
         print(f"negstudy: job {digest} FAILED: {cause} (details in {out_dir / FAILED})")
         return Outcome("failed", digest, cause)
-    _mark_done(out_dir, digest, _results(out_dir), seconds=round(time.time() - started, 1))
+    _mark_done(out_dir, digest, _results(out_dir), seconds=round(time.time() - started, 1), cpu=cpu_name(),
+               threads=torch_threads())
     try:
         store.mkdir(parents=True, exist_ok=True)
         write_text(json.dumps({"dir": str(out_dir.resolve())}), store / f"{digest}.json")
@@ -166,6 +167,25 @@ def local_launcher_cpus() -> int | None:
     except (ValueError, AttributeError):  # no Hydra job, or a launcher without the field
         return None
     return int(cpus) if isinstance(cpus, int) and cpus > 0 else None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (every time negstudy reports names the machine it was measured on)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def size_threads() -> int:
@@ -228,7 +248,7 @@ def summarize(sweep_dir: Path, command: str) -> dict:
         else:
             jobs.append({"job": name, "status": "failed", "cause": "did not finish (killed?)", "overrides": overrides})
     counts = {s: sum(j["status"] == s for j in jobs) for s in ("done", "skipped", "failed")}
-    summary = {"sweep_dir": str(sweep_dir), "jobs": jobs, **counts,
+    summary = {"sweep_dir": str(sweep_dir), "command": command, "jobs": jobs, **counts,
                "rerun": command if counts["failed"] else None}
     write_text(json.dumps(summary, indent=1), sweep_dir / "summary.json")
     md = [f"# Sweep summary: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed", ""]

@@ -31,6 +31,9 @@ Verdicts, in this order:
      reader's agreement with by-eye labels on generated images is below target (READER_TARGETS:
      object >= 98 %, background >= 97 %, on the held-out split) or was never measured
      ("reader not validated").
+   The attention lag is also ``inconclusive (instrument)`` when both words' maps were recorded and
+   fewer than MIN_UNITS pair-seeds have both arriving by the lift rule: the model's maps do not
+   concentrate on the regions, so it could not show an arrival, early or late.
    A model whose quality was never measured (a hub checkpoint without a card) is not held against
    the claim; the header says "not measured". "holds" is never downgraded: the effect showed
    through the instrument.
@@ -88,6 +91,7 @@ class Measure:
     text: str  # the value as the row shows it
     unit: str = "pairs x pair-seeds"
     missing: str = ""  # measured in part: what the verdict would need that the run's tables lack
+    unresolved: str = ""  # measured, but the instrument cannot resolve the claim: why (verdict "inconclusive (instrument)")
 
 
 @dataclass(frozen=True)
@@ -324,13 +328,25 @@ def _ratio_measures(crit: pd.DataFrame) -> dict[str, Measure | str]:
         out["noun_peak_height"] = Measure(float(r.peak_ratio), float(r.peak_ratio_low), float(r.peak_ratio_high), int(r.n_pairs),
                                           int(r.n_pair_seeds), f"{r.peak_ratio:.3f} (95 % CI {r.peak_ratio_low:.3f}.."
                                                                f"{r.peak_ratio_high:.3f}) at step {int(r.critical_step)}")
-        if pd.notna(r.get("lag_n", np.nan)) and r.lag_n > 0:
+        if pd.notna(r.get("lag_n", np.nan)) and r.lag_n >= MIN_UNITS:
             out["attention_later"] = Measure(
                 float(r.lag_mean), float(r.lag_low), float(r.lag_high), int(r.lag_n_pairs), int(r.lag_n),
                 f"the negative word reaches the concept's region {r.lag_mean:+.1f} steps (95 % CI {r.lag_low:+.1f}.."
                 f"{r.lag_high:+.1f}) after the positive word reaches its own object (lift >= {HIT_LIFT:g}; {n} calls), "
                 f"over the {int(r.lag_n)} pair-seeds where both arrive; the negative never arrives in "
                 f"{int(r.attention_never)} of {int(r.attention_n)}")
+        elif pd.notna(r.get("positive_n", np.nan)) and r.positive_n > 0:
+            # both words' maps were recorded, and (almost) no pair-seed has both arriving by the lift rule:
+            # the maps do not concentrate on the regions enough for this model to show an arrival
+            neg = (f"at step {r.attention_step_mean:.1f} of {n} calls in the {int(r.attention_n - r.attention_never)} "
+                   f"pair-seeds where it does" if pd.notna(r.attention_step_mean) else "in no pair-seed")
+            out["attention_later"] = Measure(
+                np.nan, np.nan, np.nan, int(r.attention_n_pairs), int(r.attention_n),
+                f"neither word's map concentrates on its region: the negative word reaches the concept's region (lift >= "
+                f"{HIT_LIFT:g}) {neg}, never in {int(r.attention_never)} of {int(r.attention_n)}; the positive word "
+                f"reaches its own object in {int(r.positive_n - r.positive_never)} of {int(r.positive_n)} pair-seeds with "
+                f"that object; lags over {int(r.lag_n)} pair-seeds where both arrive",
+                unresolved=f"fewer than {MIN_UNITS} pair-seeds where both words' maps reach their regions")
         elif pd.notna(r.get("attention_n", np.nan)):
             reached = (f"at step {r.attention_step_mean:.1f} (95 % CI {r.attention_step_low:.1f}..{r.attention_step_high:.1f}) "
                        f"of {n} calls where it does" if pd.notna(r.attention_step_mean) else "never")
@@ -432,6 +448,8 @@ def _removal(targets: pd.DataFrame) -> list[tuple[str, str, Measure | str]]:
 
 def verdict(m: Measure | str | None, holds, fails, uses_reader: bool, inst: Instrument) -> str:
     """The verdict of one measured claim by the rules of the module docstring."""
+    if isinstance(m, Measure) and m.unresolved:
+        return INSTRUMENT
     if not isinstance(m, Measure) or m.missing or all(np.isnan(x) for x in (m.value, m.low, m.high)):
         return ABSENT
     if m.n_clusters < MIN_CLUSTERS or m.n_units < MIN_UNITS:

@@ -4,10 +4,10 @@ The set validates the readers (oracle, shapes CLIP) on what the model really dra
 two stages, because the negatives must name what a plain sample showed without the caption
 naming it, and only the by-eye labels say what a sample showed:
 
-    # stage 1: 120 plain samples (no negative) -> PNGs, samples.csv, sheets in /tmp/reader_sheets
+    # stage 1: 150 plain samples (no negative) -> PNGs, samples.csv, sheets in /tmp/reader_sheets
     OMP_NUM_THREADS=1 python scripts/make_reader_set.py plain
     # ... label the sheets by eye into tests/fixtures/generated/labels.csv ...
-    # stage 2: 48 fresh plain samples and 84 edits of labelled stage-1 samples, interleaved by id
+    # stage 2: 60 fresh plain samples and 100 edits of labelled stage-1 samples, interleaved by id
     OMP_NUM_THREADS=1 python scripts/make_reader_set.py plain2
     OMP_NUM_THREADS=1 python scripts/make_reader_set.py edits
     OMP_NUM_THREADS=1 python scripts/make_reader_set.py sheets   # sheets of the unlabelled samples
@@ -17,9 +17,9 @@ Samples: captions from the world's own distribution (``world.sample_scene`` + ``
 fixed rng), fixed seeds, negstudy's sampler at 30 PNDM steps (31 UNet calls) and guidance 7.5, fp32
 on the CPU. An edit is a stage-1 sample's caption and seed again, with the negative naming an object
 (or attribute) the labels found in it and the caption does not name, from step ``start`` on
-(``from_step``, start in 0, 4, 8, 12): complete removals, half-removed objects and substitutions.
+(``from_step``, start in 0, 4, 8, 12, 16): complete removals, half-removed objects and substitutions.
 
-Ids are ``g000``..``g251`` in a fixed random order, so an id says neither the stage nor whether the
+Ids are ``g000``..``g309`` in a fixed random order, so an id says neither the stage nor whether the
 sample has a negative; the sheets show ids only (label blind: without captions or negatives).
 The split (tune / holdout) is a fixed function of the id (:func:`split_of`), decided before any
 reader was tuned. Sheets never go into the repository.
@@ -39,11 +39,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from negstudy.shapes import world
 
-N_PLAIN_1, N_EDITS, N_PLAIN_2 = 120, 84, 48
+# The set of the shipped model (tests/fixtures/generated). The previous model's set
+# (in the repository's history at commit 056ed3d) was made with 120 / 84 / 48, STARTS (0, 4, 8, 12), 21
+# attribute edits and seeds 2024 / 12 / 120000 by this script as of commit 056ed3d.
+N_PLAIN_1, N_EDITS, N_PLAIN_2 = 150, 100, 60
 N_TOTAL = N_PLAIN_1 + N_EDITS + N_PLAIN_2
-STARTS = (0, 4, 8, 12)  # from_step starts of the edits (UNet-call indices of 31)
-ATTRIBUTE_EDITS = 21  # of N_EDITS; the rest name objects
-ID_SEED, CAPTION_SEED, SEED_BASE = 2024, 12, 120_000
+STARTS = (0, 4, 8, 12, 16)  # from_step starts of the edits (UNet-call indices of 31)
+ATTRIBUTE_EDITS = 25  # of N_EDITS; the rest name objects
+ID_SEED, CAPTION_SEED, SEED_BASE = 2026, 13, 130_000
 SAMPLE_FIELDS = ["id", "file", "caption", "negative", "schedule", "seed"]
 
 
@@ -131,6 +134,52 @@ def sheets(images: dict[str, np.ndarray], sheet_dir: Path, prefix: str, per_row:
         sheet.save(sheet_dir / f"{prefix}_{s // per + 1:02d}_{chunk[0]}-{chunk[-1]}.png")
 
 
+LABEL_FIELDS = ["ball", "sun", "box", "tree", "kite", "background", "attribute", "other_blobs"]
+
+
+def merge(out: Path, parts: list[Path]) -> None:
+    """Join labellers' files (id + LABEL_FIELDS + notes) with samples.csv into OUT/labels.csv (kept rows
+    of earlier stages stay; an id labelled twice is an error), adding each id's split."""
+    samples = {r["id"]: r for r in read_csv(out / "samples.csv")}
+    path = out / "labels.csv"
+    merged = {r["id"]: r for r in read_csv(path)} if path.exists() else {}
+    new = {}
+    for part in parts:
+        for r in read_csv(part):
+            if r["id"] in new:
+                raise SystemExit(f"{part}: {r['id']} is labelled twice")
+            if r["id"] not in samples:
+                raise SystemExit(f"{part}: {r['id']} is not in {out / 'samples.csv'}")
+            new[r["id"]] = {**samples[r["id"]], **{k: r[k].strip() for k in LABEL_FIELDS}, "split": split_of(r["id"]),
+                            "notes": r.get("notes", "").strip()}
+    merged.update(new)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, SAMPLE_FIELDS + LABEL_FIELDS + ["split", "notes"], lineterminator="\n")
+        w.writeheader()
+        w.writerows(merged[i] for i in sorted(merged))
+    print(f"{len(new)} labelled images merged; {len(merged)} in {path}", file=sys.stderr)
+
+
+def calibration(sheet_dir: Path, zoom: int) -> None:
+    """One sheet of world images (not model samples): each background with each attribute and none,
+    every object class, named under each image. Viewed once before labelling."""
+    from negstudy.shapes.world import PlacedObject, Scene
+
+    rng = np.random.default_rng(0)
+    objects = [(PlacedObject("ball", 8, 8, 11), PlacedObject("box", 23, 22, 11)),
+               (PlacedObject("sun", 22, 8, 11), PlacedObject("tree", 9, 22, 12)),
+               (PlacedObject("kite", 16, 16, 12),)]
+    images, names = {}, []
+    for b, background in enumerate(world.BACKGROUND_NAMES):
+        for a, attribute in enumerate((None,) + world.ATTRIBUTES):
+            scene = Scene(background, objects[(a + b) % len(objects)], attribute, (), False)
+            key = f"{b}{a}"
+            images[key] = world.render(scene, rng)[0]
+            names.append(f"{key} {background} {attribute or 'none'}: {', '.join(o.name for o in scene.objects)}")
+    sheets(images, sheet_dir, "calibration", len(world.ATTRIBUTES) + 1, len(world.BACKGROUND_NAMES), zoom)
+    (sheet_dir / "calibration.txt").write_text("\n".join(names) + "\n")
+
+
 def plan_plain(which: range, id_slice: slice) -> list[dict]:
     caps = captions(N_PLAIN_1 + N_PLAIN_2)
     return [{"id": i, "file": f"{i}.png", "caption": caps[c], "negative": "", "schedule": "never", "seed": str(SEED_BASE + c)}
@@ -169,8 +218,11 @@ def plan_edits(out: Path, labels_path: Path) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["plain", "plain2", "edits", "sheets"],
-                    help="plain: stage 1; plain2 and edits: stage 2 (plain2 needs no labels); sheets: the unlabelled samples")
+    ap.add_argument("stage", choices=["plain", "plain2", "edits", "sheets", "calibration", "merge"],
+                    help="plain: stage 1; plain2 and edits: stage 2 (plain2 needs no labels); sheets: the unlabelled "
+                         "samples; calibration: a sheet of world images of every background and attribute; merge: the labellers' "
+                         "CSV files (--parts) into OUT/labels.csv")
+    ap.add_argument("--parts", type=Path, nargs="*", default=[], help="merge: the labellers' CSV files")
     ap.add_argument("--out", type=Path, default=Path("tests/fixtures/generated"))
     ap.add_argument("--labels", type=Path, default=None, help="labels of the stage-1 samples (default OUT/labels.csv)")
     ap.add_argument("--sheets", type=Path, default=Path("/tmp/reader_sheets"))
@@ -184,6 +236,13 @@ def main() -> None:
     cols, rows_per = (int(v) for v in args.grid.split("x"))
     args.out.mkdir(parents=True, exist_ok=True)
 
+    if args.stage == "merge":
+        merge(args.out, args.parts)
+        return
+    if args.stage == "calibration":
+        calibration(args.sheets, args.zoom)
+        print(f"calibration sheet in {args.sheets}", file=sys.stderr)
+        return
     if args.stage == "sheets":  # every sample not in the labels yet: stage 2's plain samples and edits mixed
         labels = args.labels or args.out / "labels.csv"
         done = {r["id"] for r in read_csv(labels)} if labels.exists() else set()

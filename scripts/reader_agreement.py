@@ -42,6 +42,31 @@ def measure(directory: Path, clip=None) -> dict:
         sub = table[keep]
         out[split] = {name: ensemble.agreement(sub, [r for r, k in zip(rs, keep) if k]) for name, rs in readings.items()}
         out[split]["images"] = int(keep.sum())
+    second = directory / "second_labeller.csv"
+    if second.exists():
+        out["labellers"] = labellers(table, second)
+    return out
+
+
+def labellers(table, second_path: Path) -> dict:
+    """Agreement of a second, independent labelling with labels.csv on the images both labelled:
+    per decision type, over the decisions both labellers made surely (Wilson 95 %)."""
+    import pandas as pd
+
+    from negstudy.critical import wilson
+    from negstudy.shapes import world
+
+    second = pd.read_csv(second_path, dtype=str, keep_default_na=False).set_index("id")
+    first = table.set_index("id").loc[second.index]
+    kinds = {"object": list(world.OBJECT_NAMES), "background": ["background"], "attribute": ["attribute"]}
+    out = {"images": int(len(second))}
+    for kind, fields in kinds.items():
+        a = first[fields].to_numpy().ravel()
+        b = second[fields].to_numpy().ravel()
+        sure = (a != "unsure") & (b != "unsure")
+        agree = int((a[sure] == b[sure]).sum())
+        rate, lo, hi = wilson(agree, int(sure.sum()))
+        out[kind] = {"agree": agree, "n": int(sure.sum()), "either_unsure": int((~sure).sum()), "rate": rate, "lo": lo, "hi": hi}
     return out
 
 
@@ -58,6 +83,14 @@ def markdown(result: dict) -> str:
                 ci = "" if a["n"] == 0 else f"{a['lo']:.1%} - {a['hi']:.1%}"
                 ur = "n/a" if a["labelled"] == 0 else f"{a['unsure_rate']:.1%}"
                 lines.append(f"| {name} | {d} | {rate} | {ci} | {a['n']} | {a['unsure']} | {ur} |")
+        lines.append("")
+    if "labellers" in result:
+        lab = result["labellers"]
+        lines += [f"### Two labellers ({lab['images']} images labelled twice, blind to each other)", "",
+                  "| decision | agreement | 95 % CI | both sure | either unsure |", "|---|---|---|---|---|"]
+        for d in ("object", "background", "attribute"):
+            a = lab[d]
+            lines.append(f"| {d} | {a['rate']:.1%} | {a['lo']:.1%} - {a['hi']:.1%} | {a['n']} | {a['either_unsure']} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -19,12 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "generated"
 sys.path.insert(0, str(REPO / "scripts"))
 
-# Measured on the holdout split by scripts/reader_agreement.py (see the report in its docstring).
-# The targets are 98 % (objects) and 97 % (backgrounds). On the 252 labelled images (94 held out)
-# the default reader measured 98.9 % (97.1 - 99.6 %, n 354, 22.0 % unsure) on objects: pinned to the
-# target; and 68.6 % (55.0 - 79.7 %, n 51, 33.8 % unsure) on backgrounds: pinned just under that.
-HOLDOUT_FLOOR = {"object": 0.98, "background": 0.65}
-MAX_UNSURE_RATE = {"object": 0.25, "background": 0.40}
+# Measured on the holdout split by scripts/reader_agreement.py (negstudy/models/shapes/reader_agreement.md).
+# The targets are 98 % (objects), 97 % (backgrounds), 95 % (attributes), each unsure rate <= 10 %.
+# On the shipped model's 310 labelled images (116 held out) the default reader measured 100.0 %
+# (99.3 - 100 %, n 538, 6.6 % unsure) on objects and 98.2 % (93.6 - 99.5 %, n 109, 4.4 % unsure) on
+# backgrounds: pinned to the targets; attributes 94.4 % (87.6 - 97.6 %, n 90, 8.2 % unsure): under the
+# 95 % target, pinned at 94 % (a regression below what was measured fails).
+HOLDOUT_FLOOR = {"object": 0.98, "background": 0.97, "attribute": 0.94}
+MAX_UNSURE_RATE = {"object": 0.10, "background": 0.10, "attribute": 0.10}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,10 @@ def test_default_reader_agrees_with_labels_on_holdout(labelled, clip):
 
     result = measure(FIXTURE, clip)
     print("\n" + markdown(result))
-    assert result["holdout"]["images"] >= 90 and result["tune"]["images"] >= 150
+    assert result["holdout"]["images"] >= 110 and result["tune"]["images"] >= 190
+    # two labellers, blind to each other, agree on what both decided surely (the labels are reproducible)
+    assert all(result["labellers"][d]["rate"] >= 0.97 and result["labellers"][d]["n"] >= 50
+               for d in ("object", "background", "attribute")), result["labellers"]
     held = result["holdout"]["ensemble"]
     for decision, floor in HOLDOUT_FLOOR.items():
         assert held[decision]["n"] >= 40, decision
@@ -84,7 +89,7 @@ def _perturbations(images: np.ndarray):
         yield name, np.clip(x + d, 0, 255).astype(np.uint8)
 
 
-@pytest.mark.slow  # ~40 s on a shared 2-core CPU: 252 images x 4 readings by the oracle and CLIP
+@pytest.mark.slow  # ~40 s on a shared 2-core CPU: 310 images x 4 readings by the oracle and CLIP
 def test_one_grey_level_flips_no_decision(labelled, clip):
     _, images = labelled
     base_o = ensemble.oracle_readings(images)

@@ -16,13 +16,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from judge_server import JudgeServer  # noqa: E402
 
 OPENAI_KEY = "sk-negstudy-planted-0a1b2c3d4e5f"
+VIEWS = "dataset.captions=['a view of the grass','a view of the sky','a view of the sand','a view at night']"
 WANDB_KEY = "0123456789abcdef0123456789abcdefplanted0"
 
 
 def _sweep(tmp_path, server, sweep_dir, *extra):
     env = {**os.environ, "OPENAI_API_KEY": OPENAI_KEY, "WANDB_API_KEY": WANDB_KEY}
     return subprocess.run(
-        [sys.executable, "-m", "negstudy", "+sweep=removal", "steps=10", "seeds=[0,1,2]", "dataset.limit=4",
+        # the "a view of X" captions: few unnamed objects each, so the judge's faults, not the UNet, set the time
+        [sys.executable, "-m", "negstudy", "+sweep=removal", "steps=10", "seeds=[0,1,2]", VIEWS,
          "evaluator=judge", f"evaluator.base_url={server.base_url}", f"evaluator.cache_dir={tmp_path / 'cache'}",
          "evaluator.timeout_s=2", "evaluator.requests_per_minute=60000",  # the judge's 60 a minute: ~40 s of waits
          "logger=wandb", f"hydra.sweep.dir={sweep_dir}", *extra],
