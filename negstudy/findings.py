@@ -140,6 +140,16 @@ def _pct(x) -> str:
     return "-" if pd.isna(x) else f"{x:.0%}"
 
 
+def _rate(value, low, high) -> str:
+    return f"{_pct(value)} [{_pct(low)}, {_pct(high)}]"
+
+
+def _section(title: str, header: list[str], rows: list[list]) -> list[str]:
+    """A titled Markdown table: the lines to append to a page."""
+    return ["", title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
 def supporting(directories: list[Path], variant: str = sc.DEFAULT_VARIANT) -> list[str]:
     """The tables behind the verdicts that the scorecard summarises in one cell: the critical steps
     per pair, removal against the start step, reverse activation per k (from the first run that has each)."""
@@ -161,37 +171,35 @@ def supporting(directories: list[Path], variant: str = sc.DEFAULT_VARIANT) -> li
         removal = tb._read(d, "removal")
         if "removal" not in done and not removal.empty and "start_step" in removal:
             rv = tb.removal_vs_start(removal)
-            rows = ["| category | start step k | concept removed (95 % CI) | pairs x pair-seeds | unsure | median PSNR outside (dB) |",
-                    "|---|---|---|---|---|---|"]
-            rows += [f"| {r.category} | {r.start_step} | {_pct(r.removed)} [{_pct(r.ci_low)}, {_pct(r.ci_high)}] | "
-                     f"{r.n_pairs} x {r.n_pair_seeds} | {r.n_unsure} | "
-                     f"{'-' if pd.isna(r.psnr_outside_median) else format(r.psnr_outside_median, '.1f')} |" for r in rv.itertuples()]
-            lines += ["", f"Removal against the start step k of the negative (run {d.name}; k = {int(rv.start_step.max())}: "
-                          "never applied):", "", *rows]
+            lines += _section(f"Removal against the start step k of the negative (run {d.name}; k = {int(rv.start_step.max())}: "
+                              "never applied):",
+                              ["category", "start step k", "concept removed (95 % CI)", "pairs x pair-seeds", "unsure",
+                               "median PSNR outside (dB)"],
+                              [[r.category, r.start_step, _rate(r.removed, r.ci_low, r.ci_high), f"{r.n_pairs} x {r.n_pair_seeds}",
+                                r.n_unsure, "-" if pd.isna(r.psnr_outside_median) else f"{r.psnr_outside_median:.1f}"]
+                               for r in rv.itertuples()])
             done.add("removal")
         targets = tb._read(d, "removal_targets")
         if "methods" not in done and not targets.empty:
-            rm = tb.removal_methods(targets)
-            rows = ["| dataset | method | captions x objects | removed (95 % CI) | / from-0 (95 % CI) | preferred to from-0 | "
-                    "PSNR outside (dB) | another object appears | regenerations |", "|---|---|---|---|---|---|---|---|---|"]
-            for r in rm.itertuples():
+            rows = []
+            for r in tb.removal_methods(targets).itertuples():
                 ratio = "1.00" if r.method == tb.METHOD_NAMES["from0"] else f"{r.vs_from0:.2f} [{r.vs_from0_low:.2f}, {r.vs_from0_high:.2f}]"
-                pref = (f"{_pct(r.preferred)} [{_pct(r.preferred_low)}, {_pct(r.preferred_high)}] by {r.preference_by}"
+                pref = (f"{_rate(r.preferred, r.preferred_low, r.preferred_high)} by {r.preference_by}"
                         if pd.notna(getattr(r, "preferred", float("nan"))) else "-")
-                rows.append(f"| {r.dataset} | {r.method} | {r.n_captions} x {r.objects} | {_pct(r.removed)} [{_pct(r.ci_low)}, "
-                            f"{_pct(r.ci_high)}] | {ratio} | {pref} | {r.psnr_out:.1f} [{r.psnr_out_low:.1f}, {r.psnr_out_high:.1f}] | "
-                            f"{_pct(getattr(r, 'substituted', float('nan')))} | {r.regenerations:.1f} |")
-            lines += ["", f"Object removal by method (run {d.name}; objects the caption does not name, with a verdict under "
-                          "every method; intervals resample captions, then objects):", "", *rows]
+                rows.append([r.dataset, r.method, f"{r.n_captions} x {r.objects}", _rate(r.removed, r.ci_low, r.ci_high), ratio, pref,
+                             f"{r.psnr_out:.1f} [{r.psnr_out_low:.1f}, {r.psnr_out_high:.1f}]",
+                             _pct(getattr(r, "substituted", float("nan"))), f"{r.regenerations:.1f}"])
+            lines += _section(f"Object removal by method (run {d.name}; objects the caption does not name, with a verdict under "
+                              "every method; intervals resample captions, then objects):",
+                              ["dataset", "method", "captions x objects", "removed (95 % CI)", "/ from-0 (95 % CI)",
+                               "preferred to from-0", "PSNR outside (dB)", "another object appears", "regenerations"], rows)
             done.add("methods")
         reverse = tb._read(d, "reverse")
         if "reverse" not in done and not reverse.empty:
-            ra = tb.reverse_activation(reverse)
-            rows = ["| k (negative in steps 0..k-1 only) | object appears (95 % CI) | pairs x pair-seeds | unsure |", "|---|---|---|---|"]
-            rows += [f"| {r.k} | {_pct(r.appears)} [{_pct(r.ci_low)}, {_pct(r.ci_high)}] | {r.n_pairs} x {r.n_pair_seeds} | "
-                     f"{r.n_unsure} |" for r in ra.itertuples()]
-            lines += ["", f"Reverse activation per k (run {d.name}; pair-seeds where the object is absent without the "
-                          "negative):", "", *rows]
+            lines += _section(f"Reverse activation per k (run {d.name}; pair-seeds where the object is absent without the "
+                              "negative):", ["k (negative in steps 0..k-1 only)", "object appears (95 % CI)", "pairs x pair-seeds", "unsure"],
+                              [[r.k, _rate(r.appears, r.ci_low, r.ci_high), f"{r.n_pairs} x {r.n_pair_seeds}", r.n_unsure]
+                               for r in tb.reverse_activation(reverse).itertuples()])
             done.add("reverse")
         if "guidance" not in done and not tb._read(d, "methods_removal").empty:
             import tempfile
