@@ -36,7 +36,7 @@ from negstudy import scorecard as sc
 
 REPO = Path(__file__).resolve().parents[1]
 MARKERS = {"README.md": "findings", "docs/findings.md": "scorecard"}
-KEEP = ("*.parquet", "config.yaml", "overrides.yaml", "done.json", "summary.json", "run.json")
+KEEP = ("*.parquet", "config.yaml", "overrides.yaml", "done.json", "summary.json")
 
 
 # Which run a claim is taken from when several measure it: the study written for it first.
@@ -96,11 +96,10 @@ def collect(directories: list[Path], variant: str = sc.DEFAULT_VARIANT) -> tuple
     # a claim measured per variant (removal: "... (fixed window, shapes_removal)") replaces its unmeasured plain row
     rows = [r for r in rows if not (str(r.verdict).startswith(sc.ABSENT)
                                     and any(o.claim.startswith(f"{r.claim} (") for o in rows))]
-    first = instruments[0]
     inst = sc.Instrument(list(dict.fromkeys(m for i in instruments for m in i.models)), all(i.model_ok for i in instruments),
                          "; ".join(dict.fromkeys(i.model_text for i in instruments)),
                          list(dict.fromkeys(r for i in instruments for r in i.readers)), all(i.reader_ok for i in instruments),
-                         "; ".join(dict.fromkeys(i.reader_text for i in instruments)) or first.reader_text)
+                         "; ".join(dict.fromkeys(i.reader_text for i in instruments)))
     return pd.DataFrame(rows).reset_index(drop=True), inst, [describe(Path(d)) for d in directories]
 
 
@@ -163,8 +162,8 @@ def supporting(directories: list[Path], variant: str = sc.DEFAULT_VARIANT) -> li
         if "critical" not in done and not ratio.empty:
             ratio = ratio[ratio.variant == variant] if "variant" in ratio else ratio
             crit = tb.critical_steps(ratio, tb._read(d, "attention"), variant, screen=tb._read(d, "screen"))
-            shown = tb.critical_table(crit).drop(columns=[c for c in ("crossing: first", "crossing: stays_strict")
-                                                          if c in tb.critical_table(crit)])
+            shown = tb.critical_table(crit)
+            shown = shown.drop(columns=[c for c in ("crossing: first", "crossing: stays_strict") if c in shown])
             lines += ["", f"Critical steps per pair and category (run {d.name}; steps of {int(crit.n_steps.max())} calls):", "",
                       shown.to_markdown(index=False)]
             done.add("critical")

@@ -126,7 +126,7 @@ def run(cfg: DictConfig, out_dir: Path, body: Callable[[], None], *, multirun: b
             _mark_done(out_dir, digest, files, reused_from=str(previous))
             print(f"negstudy: job {digest} already finished in {previous}: results linked into {out_dir}, skipped")
             return Outcome("skipped", digest)
-    size_threads()
+    threads = size_threads()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INCOMPLETE).write_text(f"{digest}\n")
     for stale in (DONE, FAILED):
@@ -146,7 +146,7 @@ def run(cfg: DictConfig, out_dir: Path, body: Callable[[], None], *, multirun: b
         print(f"negstudy: job {digest} FAILED: {cause} (details in {out_dir / FAILED})")
         return Outcome("failed", digest, cause)
     _mark_done(out_dir, digest, _results(out_dir), seconds=round(time.time() - started, 1), cpu=cpu_name(),
-               threads=torch_threads())
+               threads=threads)
     try:
         store.mkdir(parents=True, exist_ok=True)
         write_text(json.dumps({"dir": str(out_dir.resolve())}), store / f"{digest}.json")
@@ -182,12 +182,6 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def size_threads() -> int:
     """Torch threads from the job's CPU allocation: SLURM_CPUS_PER_TASK, else (submitit's local
     executor) the launcher's cpus_per_task, else the affinity mask (never more; a smaller
@@ -206,7 +200,7 @@ def size_threads() -> int:
         n, source = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
     torch.set_num_threads(max(n, 1))
     log.info("torch threads: %d (from %s)", torch.get_num_threads(), source)
-    return n
+    return torch.get_num_threads()
 
 
 def record_failure(cfg: DictConfig, out_dir: Path, cause: str) -> None:

@@ -48,40 +48,33 @@ def main(argv=None) -> None:
 
     from negstudy.config import ModelConfig
     from negstudy.critical import wilson
-    from negstudy.evaluators.ensemble import UNSURE, EnsembleEvaluator
+    from negstudy.evaluators.ensemble import EnsembleEvaluator, concept_present
     from negstudy.models import load_pipeline, pick_device
-    from negstudy.records import to_uint8
-    from negstudy.sampler import Batch, NegativeSampler
-    from negstudy.schedules import Never
+    from negstudy.sampler import NegativeSampler
+    from negstudy.studies import screen_without_negative
 
     cfg = OmegaConf.structured(ModelConfig(name="shapes", path=args.model, dtype="fp32"))
     sampler = NegativeSampler(load_pipeline(cfg, pick_device("cpu")), steps=args.steps, guidance_scale=7.5)
-    read = EnsembleEvaluator.build(world="shapes").read
-    never = Never().plan(sampler.n_calls)
     items = [(c, s) for c in captions for s in range(args.seeds)]
-    rows, start = [], time.perf_counter()
-    for i in range(0, len(items), args.batch_size):
-        part = items[i : i + args.batch_size]
-        batch = Batch([c for c, _ in part], [""] * len(part), [s for _, s in part], [never] * len(part))
-        for (caption, seed), reading in zip(part, read(to_uint8(sampler.generate(batch)))):
-            spec = world.parse_caption(caption)
-            for o in world.OBJECT_NAMES:
-                if o not in spec.objects:
-                    rows.append({"caption": caption, "concept": o, "category": "object", "seed": seed,
-                                 "present": reading.objects.get(o)})
-            for a in world.ATTRIBUTES:
-                rows.append({"caption": caption, "concept": a, "category": "attribute", "seed": seed,
-                             "present": None if reading.attribute == UNSURE else reading.attribute == a})
-        print(f"  {min(i + args.batch_size, len(items))}/{len(items)} images, {time.perf_counter() - start:.0f} s",
-              file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    # the studies' own screening (never schedule, the ensemble reader); its per-item verdict is for the
+    # placeholder negative and unused: every concept is judged from the one reading, by the studies' rule
+    screened = screen_without_negative(sampler, EnsembleEvaluator.build(world="shapes").read, [c for c, _ in items],
+                                       ["noisy"] * len(items), [s for _, s in items], args.batch_size)
+    rows = []
+    for (caption, seed), found in zip(items, screened):
+        named = world.parse_caption(caption).objects
+        for concept in [o for o in world.OBJECT_NAMES if o not in named] + list(world.ATTRIBUTES):
+            rows.append({"caption": caption, "concept": concept, "category": "attribute" if concept in world.ATTRIBUTES else "object",
+                         "seed": seed, "present": concept_present(found.reading, concept)[0]})
     frame = pd.DataFrame(rows)
     out = []
     for (caption, concept, category), g in frame.groupby(["caption", "concept", "category"], sort=False):
         sure = g.present.notna()
         k, n = int((g.present == True).sum()), int(sure.sum())  # noqa: E712 - a column of True / False / None
-        _, lo, hi = wilson(k, n)
+        rate, lo, hi = wilson(k, n)
         out.append({"caption": caption, "concept": concept, "category": category, "present": k, "sure": n,
-                    "unsure": int((~sure).sum()), "rate": k / n if n else float("nan"), "low": lo, "high": hi})
+                    "unsure": int((~sure).sum()), "rate": rate, "low": lo, "high": hi})
     table = pd.DataFrame(out).sort_values(["category", "rate"], ascending=[True, False])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
