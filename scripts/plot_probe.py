@@ -18,12 +18,21 @@ from pathlib import Path
 import pandas as pd
 
 RATES = {"object_recall": "object recall", "background_right": "background right", "caption_exact": "caption-exact"}
+# the issue-28 probes (train_shapes.py writes them since the probe grew them; older CSVs lack them)
+TARGETS = {"attribute_blurry": "blurry drawn", "attribute_noisy": "noisy drawn", "attribute_dark": "dark drawn",
+           "attribute_striped": "striped drawn", "broken_images": "broken images", "object_localization": "localization",
+           "object_removal": "object removal", "object_named_kept": "named kept"}
+
+
+def targets_of(df: pd.DataFrame) -> dict:
+    return {k: v for k, v in TARGETS.items() if k in df.columns and df[k].notna().any()}
 
 
 def markdown(df: pd.DataFrame) -> str:
-    lines = ["| step | train min | images | " + " | ".join(RATES.values()) + " |", "|---" * (3 + len(RATES)) + "|"]
+    rates = RATES | targets_of(df)
+    lines = ["| step | train min | images | " + " | ".join(rates.values()) + " |", "|---" * (3 + len(rates)) + "|"]
     for _, r in df.iterrows():
-        cells = [f"{r[k]:.0%} [{r[k + '_lo']:.0%}, {r[k + '_hi']:.0%}]" for k in RATES]
+        cells = [f"{r[k]:.0%} [{r[k + '_lo']:.0%}, {r[k + '_hi']:.0%}]" if pd.notna(r[k]) else "-" for k in rates]
         lines.append(f"| {int(r['step'])} | {r['train_minutes']:.0f} | {int(r['images_seen']):,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -34,7 +43,18 @@ def plot(df: pd.DataFrame, path: Path, baseline: dict | None = None, title: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    extra = targets_of(df)
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(13 if extra else 7, 4), dpi=120, squeeze=False)
+    ax = axes[0, 0]
+    if extra:  # the issue-28 probes beside the quality curve, points only (their n is small: see probe.csv)
+        bx = axes[0, 1]
+        for key, label in extra.items():
+            bx.plot(df["train_minutes"], df[key], marker="o", ms=3, label=label)
+        bx.set_xlabel("training minutes (probe time excluded)")
+        bx.set_ylabel("rate (oracle; n per column in probe.csv)")
+        bx.set_ylim(0, 1)
+        bx.grid(alpha=0.3)
+        bx.legend(loc="best", fontsize=7)
     for (key, label), colour in zip(RATES.items(), ("tab:blue", "tab:green", "tab:red")):
         ax.plot(df["train_minutes"], df[key], marker="o", ms=3, color=colour, label=label)
         ax.fill_between(df["train_minutes"], df[key + "_lo"], df[key + "_hi"], color=colour, alpha=0.15, lw=0)

@@ -84,7 +84,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 from negstudy.records import atomic_path, find_checkpoint, fresh_tmp_dir, replace_dir, write_csv  # noqa: E402
 
-MAX_LEN = 77
+MAX_LEN = 77  # token slots by default: Stable Diffusion's (--text-length changes it)
 BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 RESOLUTION_DEFAULT = 32
 P_UNCOND = 0.1
@@ -94,9 +94,13 @@ LR_FLOOR = 0.1  # cosine decays to 10 % of the peak
 SAMPLE_SEED = 1_000_003  # world seed of the fixed sample captions (never a training seed in practice)
 LOG_HEADER = ["step", "loss", "lr", "elapsed_s", "loss_window"]
 PROBE_SEED = 2_000_003  # world seed of the probe's captions (the measure protocol's draw, another seed)
-PROBE_KEYS = ("object_recall", "background_right", "caption_exact", "attribute_recall", "images_with_unnamed_object")
+PROBE_KEYS = ("object_recall", "background_right", "caption_exact", "attribute_recall", "images_with_unnamed_object",
+              "attribute_blurry", "attribute_noisy", "attribute_dark", "attribute_striped", "broken_images",
+              "object_localization", "object_removal", "object_named_kept")
+PROBE_ATTRIBUTE_SEED = PROBE_SEED + 1  # world seed of the probe's attribute captions
+BROKEN_UNKNOWN_PIXELS = 256  # a quarter of the image in no world colour (the world's own images: 0)
 PROBE_HEADER = ["step", "train_minutes", "images_seen", "probe_seconds", "score"] + \
-    [f"{k}{suffix}" for k in PROBE_KEYS for suffix in ("", "_lo", "_hi")]
+    [f"{k}{suffix}" for k in PROBE_KEYS for suffix in ("", "_lo", "_hi")] + [f"{k}_n" for k in PROBE_KEYS]
 # the files a --package directory holds (a size-limited output folder: <= 8 files, flat)
 PACKAGE_FILES = ("unet.safetensors", "text_encoder.safetensors", "training_log.csv", "meta.json", "samples.png")
 
@@ -147,10 +151,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     # quality probe
     p.add_argument("--probe-every-minutes", type=float, default=0.0, metavar="M",
                    help="every M training minutes (and at the end), sample --probe-n fixed captions from the EMA weights "
-                        "(PNDM 30 steps, guidance 7.5, fixed seeds), read them with the oracle, append object recall, "
-                        "background right and caption-exact to <out>/probe.csv, write <out>/probe/step_*.png, and keep "
+                        "(negstudy's sampler: PNDM 30 steps, guidance 7.5, fixed seeds), read them with the oracle, append "
+                        "object recall, background right, caption-exact, each attribute drawn when named, broken images, "
+                        "the localization rate (a named object's word map, mean of the last five steps, lift >= 2 on its "
+                        "object: measured, never trained for), and the removal protocol of measure_shapes.py (negative "
+                        "'X' from step 0 on the unnamed X: removed, named objects kept) to <out>/probe.csv, write "
+                        "<out>/probe/step_*.png, and keep "
                         "the best-scoring EMA weights in <out>/best/ (0: off). Probe time is not training time.")
     p.add_argument("--probe-n", type=int, default=128, help="captions per probe (one image each)")
+    p.add_argument("--probe-attribute-n", type=int, default=4, metavar="K",
+                   help="per attribute, K more probe captions that name it (pooled with the --probe-n captions that do)")
     # model (ignored with --resume: the checkpoint's config is used)
     p.add_argument("--unet-channels", default="64,128,192", help="block_out_channels, comma-separated")
     p.add_argument("--unet-layers", type=int, default=2, help="layers_per_block")
@@ -162,6 +172,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-layers", type=int, default=4)
     p.add_argument("--text-heads", type=int, default=4)
     p.add_argument("--text-ffn", type=int, default=None, help="CLIP intermediate size (default 4 x width)")
+    p.add_argument("--text-length", type=int, default=MAX_LEN,
+                   help="token slots of the tokenizer and text encoder (default 77, SD's). The world's longest caption "
+                        "takes 16 with <bos> and <eos>; every slot after <eos> is padding the cross-attention can attend "
+                        "to. With --init-from, the source's position embeddings are cut to the first --text-length (a "
+                        "causal encoder gives the same hidden states on those slots)")
     # data / throughput
     p.add_argument("--data", choices=("torch", "workers"), default="torch",
                    help="torch: render on the training device (negstudy.shapes.render_torch); workers: world.py in processes")
@@ -184,6 +199,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if (args.minutes is None or args.minutes <= 0) and args.steps is None:
         p.error("give --steps or a positive --minutes")
     return args
+
+
+def len_of(tokenizer) -> int:
+    """Token slots of the run: the tokenizer's model_max_length (77 unless --text-length)."""
+    return int(tokenizer.model_max_length)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -223,7 +243,7 @@ def model_config_from_args(args, tokenizer: CLIPTokenizer) -> dict:
         vocab_size=len(tokenizer), hidden_size=args.text_width,
         intermediate_size=args.text_ffn or 4 * args.text_width,
         num_hidden_layers=args.text_layers, num_attention_heads=args.text_heads,
-        max_position_embeddings=MAX_LEN, projection_dim=args.text_width,
+        max_position_embeddings=len_of(tokenizer), projection_dim=args.text_width,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -243,7 +263,21 @@ def model_config_from_dir(src: Path, tokenizer: CLIPTokenizer) -> dict:
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "max_position_embeddings", "projection_dim", "pad_token_id", "bos_token_id", "eos_token_id")
     text = {k: text_cfg[k] for k in keys if k in text_cfg}
+    if text["max_position_embeddings"] < len_of(tokenizer):
+        raise SystemExit(f"--init-from {src}: {text['max_position_embeddings']} token slots, fewer than --text-length {len_of(tokenizer)}")
+    text["max_position_embeddings"] = len_of(tokenizer)  # cut to --text-length (text_state_for)
     return {"unet": unet, "text": text}
+
+
+def text_state_for(state: dict, n_slots: int) -> dict:
+    """A text encoder state dict with its position embeddings (and position ids) cut to the first ``n_slots``."""
+    out = dict(state)
+    for k, v in state.items():
+        if k.endswith("position_embedding.weight"):
+            out[k] = v[:n_slots]
+        elif k.endswith("position_ids"):
+            out[k] = v[..., :n_slots]
+    return out
 
 
 def build_models(cfg: dict):
@@ -327,7 +361,7 @@ def make_part(n: int, seed: int, tokenizer_dir: str, world_kwargs: dict):
     if tok is None:
         tok = _WORKER_TOKENIZERS[tokenizer_dir] = CLIPTokenizer.from_pretrained(tokenizer_dir)
     images, captions, _ = sample_dataset(n, seed=seed, **world_kwargs)
-    ids = tok(list(captions), padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="np").input_ids
+    ids = tok(list(captions), padding="max_length", max_length=len_of(tok), truncation=True, return_tensors="np").input_ids
     return np.ascontiguousarray(images, dtype=np.uint8), ids.astype(np.int32)
 
 
@@ -505,7 +539,7 @@ def assemble(pkg: Path, dest: Path) -> Path:
     tok_dir = dest.with_name(dest.name + ".tokenizer")
     if tok_dir.exists():
         shutil.rmtree(tok_dir)
-    tokenizer = save_clip_tokenizer(list(VOCABULARY), tok_dir, model_max_length=MAX_LEN)
+    tokenizer = save_clip_tokenizer(list(VOCABULARY), tok_dir, model_max_length=text.config.max_position_embeddings)
     if len(tokenizer) != text.config.vocab_size:
         raise SystemExit(f"--assemble: the rebuilt tokenizer has {len(tokenizer)} tokens, the text encoder {text.config.vocab_size}")
     with open(pkg / "training_log.csv", newline="") as f:
@@ -560,7 +594,8 @@ def sample_images(unet, text, tokenizer, captions: list[str], device, seed=0, st
     sched = inference_scheduler(zero_snr)
     sched.set_timesteps(steps)
     n = len(captions)
-    ids = tokenizer([""] * n + list(captions), padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt").input_ids.to(device)
+    ids = tokenizer([""] * n + list(captions), padding="max_length", max_length=len_of(tokenizer), truncation=True,
+                    return_tensors="pt").input_ids.to(device)
     cond = text(ids).last_hidden_state
     res = unet.config.sample_size
     x = torch.randn((n, unet.config.in_channels, res, res), generator=torch.Generator().manual_seed(seed)).to(device)
@@ -614,14 +649,117 @@ def probe_score(rates: dict) -> float:
     return float(np.mean([rates["object_recall"], rates["background_right"], rates["caption_exact"]]))
 
 
-@torch.no_grad()
-def run_probe(unet, text, tokenizer, captions: list[str], device, zero_snr: bool, batch: int = 64):
-    """(uint8 images (N, 32, 32, 3), oracle rates with Wilson intervals) for the probe's captions, seed i for caption i."""
-    from negstudy.shapes.quality import score_images
+def probe_attribute_captions(k: int) -> list[str]:
+    """K fixed captions per attribute (ATTRIBUTES order) that name it: world scenes with an attribute, always named."""
+    from negstudy.shapes import world
 
-    imgs = torch.cat([sample_images(unet, text, tokenizer, captions[i: i + batch], device, seed=PROBE_SEED + i,
-                                    zero_snr=zero_snr) for i in range(0, len(captions), batch)]).numpy()
-    return imgs, score_images(imgs, captions)
+    rng = np.random.default_rng(PROBE_ATTRIBUTE_SEED)
+    out: dict[str, list[str]] = {a: [] for a in world.ATTRIBUTES}
+    while any(len(v) < k for v in out.values()):
+        scene = world.sample_scene(rng, p_attribute=1.0, p_named_attribute=1.0)
+        if len(out[scene.attribute]) < k:
+            out[scene.attribute].append(world.caption(scene))
+    return [c for a in world.ATTRIBUTES for c in out[a]]
+
+
+def is_broken(verdict) -> bool:
+    """A collapsed image: the oracle fits no world background (colour offset beyond its band) or finds a quarter
+    of the pixels in no world colour (the "dark" collapse: saturated noise). The world's own images: never."""
+    return verdict.background_state == "none" or verdict.diagnostics.get("unknown_pixels", 0.0) >= BROKEN_UNKNOWN_PIXELS
+
+
+def word_lift(heat: np.ndarray, region: np.ndarray) -> float:
+    """Lift of a word's map on a region: its mass there over a uniform map's (negstudy.critical.HIT_LIFT rule)."""
+    from negstudy.attention import mass_in_mask
+
+    return mass_in_mask(heat, region) / float(region.mean())
+
+
+def probe_rates(images, captions, last_maps, attr_images, attr_captions, neg_jobs, neg_images) -> dict:
+    """The probe's rates with 95 % Wilson intervals, from images already read by nobody.
+
+    images / captions: the plain probe (no negative). last_maps: per plain image, {object word: (h, w) mean map of
+    the last five steps, positive branch}. attr_images / attr_captions: the attribute captions. neg_jobs: (plain
+    image index, unnamed object X) and neg_images their images with the negative "X" at every step (the
+    measure_shapes.py protocol). Measured only: nothing here feeds a loss."""
+    from negstudy.critical import HIT_LIFT
+    from negstudy.shapes import oracle, world
+    from negstudy.shapes.quality import rates, tally
+
+    verdicts = oracle.inspect_batch(images)
+    specs = [world.parse_caption(c) for c in captions]
+    counts, _, _ = tally(verdicts, specs)
+    attr_verdicts = oracle.inspect_batch(attr_images) if len(attr_images) else []
+    drawn = {a: [0, 0] for a in world.ATTRIBUTES}
+    for v, c in list(zip(verdicts, captions)) + list(zip(attr_verdicts, attr_captions)):
+        a = world.parse_caption(c).attribute
+        if a is not None:
+            drawn[a][0] += v.attribute == a
+            drawn[a][1] += 1
+    counts.update({f"attribute_{a}": tuple(k) for a, k in drawn.items()})
+    every = list(verdicts) + list(attr_verdicts)
+    counts["broken_images"] = (sum(is_broken(v) for v in every), len(every))
+    hits = [word_lift(maps[o], v.objects[o]) >= HIT_LIFT
+            for maps, v, sp in zip(last_maps, verdicts, specs) for o in sp.objects if v.present(o) and o in maps]
+    counts["object_localization"] = (sum(hits), len(hits))
+    neg_verdicts = oracle.inspect_batch(neg_images) if len(neg_images) else []
+    counts["object_removal"] = (sum(not v.present(x) for (_, x), v in zip(neg_jobs, neg_verdicts)), len(neg_jobs))
+    counts["object_named_kept"] = (sum(all(v.present(o) for o in specs[i].objects) for (i, _), v in zip(neg_jobs, neg_verdicts)),
+                                   len(neg_jobs))
+    return rates(counts)
+
+
+def probe_sampler(unet, text, tokenizer, zero_snr: bool):
+    """negstudy's sampler (the studies' loop: PNDM 30 steps = 31 UNet calls, guidance 7.5) over these modules."""
+    from diffusers import StableDiffusionPipeline
+
+    from negstudy.sampler import NegativeSampler
+
+    pipe = StableDiffusionPipeline(vae=None, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=inference_scheduler(zero_snr), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return NegativeSampler(pipe, steps=30, guidance_scale=7.5)
+
+
+@torch.no_grad()
+def run_probe(unet, text, tokenizer, captions: list[str], device, zero_snr: bool, attribute_captions=(), batch: int = 64):
+    """(uint8 plain images (N, 32, 32, 3), uint8 attribute images, rates with Wilson intervals).
+
+    Plain images: caption i with seed PROBE_SEED + i, no negative, cross-attention recorded (object words, positive
+    branch) for the localization rate; attribute captions: seed PROBE_ATTRIBUTE_SEED + i; then the negative "X" at
+    every step on the plain seeds where the oracle saw X unnamed (object removal, named objects kept)."""
+    from negstudy.attention import AttentionRecorder
+    from negstudy.records import to_uint8
+    from negstudy.sampler import Batch
+    from negstudy.schedules import Always, Never
+    from negstudy.shapes import oracle, world
+
+    sampler = probe_sampler(unet, text, tokenizer, zero_snr)
+    n_calls = sampler.n_calls
+    plain, last_maps = [], []
+    for i in range(0, len(captions), batch):
+        part = captions[i: i + batch]
+        rec = AttentionRecorder(unet, words=list(world.OBJECT_NAMES))
+        b = Batch(list(part), [""] * len(part), [PROBE_SEED + i + j for j in range(len(part))], [Never().plan(n_calls)] * len(part))
+        plain.append(to_uint8(sampler.generate(b, [rec])))
+        for j in range(len(part)):
+            last_maps.append({w: rec.maps(j, "positive", w)[n_calls - 5:].float().mean(0).numpy()
+                              for w in rec.words_of(j, "positive")})
+    plain = np.concatenate(plain)
+
+    def generate(texts, negatives, seeds, schedule):
+        out = [to_uint8(sampler.generate(Batch(list(texts[i: i + batch]), list(negatives[i: i + batch]),
+                                               list(seeds[i: i + batch]), [schedule.plan(n_calls)] * len(texts[i: i + batch]))))
+               for i in range(0, len(texts), batch)]
+        return np.concatenate(out) if out else np.zeros((0, *plain.shape[1:]), np.uint8)
+
+    attr = list(attribute_captions)
+    attr_imgs = generate(attr, [""] * len(attr), [PROBE_ATTRIBUTE_SEED + i for i in range(len(attr))], Never())
+    specs = [world.parse_caption(c) for c in captions]
+    jobs = [(i, o) for i, (v, sp) in enumerate(zip(oracle.inspect_batch(plain), specs)) for o in v.objects if o not in sp.objects]
+    neg_imgs = generate([captions[i] for i, _ in jobs], [x for _, x in jobs], [PROBE_SEED + i for i, _ in jobs], Always())
+    return plain, attr_imgs, probe_rates(plain, captions, last_maps, attr_imgs, attr, jobs, neg_imgs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,7 +830,7 @@ def main(argv=None):
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
-        tokenizer = save_clip_tokenizer(list(VOCABULARY), out / "tokenizer", model_max_length=MAX_LEN)
+        tokenizer = save_clip_tokenizer(list(VOCABULARY), out / "tokenizer", model_max_length=args.text_length)
         tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
         if args.init_from is not None:
             cfg = model_config_from_dir(args.init_from, tokenizer)
@@ -703,7 +841,8 @@ def main(argv=None):
     if args.init_from is not None and state is None:
         src = args.init_from
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(src), subfolder="unet").float().state_dict())
-        text.load_state_dict(CLIPTextModel.from_pretrained(str(src), subfolder="text_encoder").float().state_dict())
+        text.load_state_dict(text_state_for(CLIPTextModel.from_pretrained(str(src), subfolder="text_encoder").float().state_dict(),
+                                            len_of(tokenizer)))
         print(f"initialised from {src}", flush=True)
     unet.to(device).train()
     text.to(device).train()
@@ -732,6 +871,7 @@ def main(argv=None):
         chunk_idx, pos, perm = state["chunk"], state["pos"], state["perm"]
         log_rows, loss_smooth = state["log"], state["loss_smooth"]
         probe_rows, best_score = state.get("probe", []), state.get("best_score", -1.0)
+        probe_rows = [r + ["nan"] * (len(PROBE_HEADER) - len(r)) for r in probe_rows]  # a checkpoint of fewer probe columns
         set_rng_state(state["rng"], device)
         print(f"resumed from {ckpt_dir} at step {step} ({elapsed_prev / 60:.1f} min trained)", flush=True)
     fwd_unet = torch.compile(unet) if args.compile else unet
@@ -739,14 +879,14 @@ def main(argv=None):
     sched = training_scheduler(args.zero_snr)
     ac = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
     sqrt_ac, sqrt_1m_ac = ac.sqrt(), (1 - ac).sqrt()
-    empty_ids = tokenizer("", padding="max_length", max_length=MAX_LEN, return_tensors="pt").input_ids.to(device)
+    empty_ids = tokenizer("", padding="max_length", max_length=len_of(tokenizer), return_tensors="pt").input_ids.to(device)
     B = args.batch_size
 
     if args.data == "torch":
         from negstudy.shapes.render_torch import CaptionTokens, make_batch
 
         source = None
-        caption_tokens = CaptionTokens(tokenizer, MAX_LEN)
+        caption_tokens = CaptionTokens(tokenizer, len_of(tokenizer))
     else:
         source = ChunkSource(args.seed, args.chunk_size, args.part_size, out / "tokenizer", world_kwargs, args.data_workers)
 
@@ -816,31 +956,39 @@ def main(argv=None):
             write_package(args.package, ema, export_dtype, package_meta(), log_rows)
 
     captions_probe = probe_captions(args.probe_n) if args.probe_every_minutes > 0 else []
+    captions_attr = probe_attribute_captions(args.probe_attribute_n) if args.probe_every_minutes > 0 else []
 
     def probe():
         """Sample, read, log; export the EMA weights to <out>/best/ when the score is the best so far."""
         nonlocal t_start, best_score
         t = time.monotonic()
         u, tx = ema.shadow
-        imgs, r = run_probe(u, tx, tokenizer, captions_probe, device, args.zero_snr)
+        imgs, attr_imgs, r = run_probe(u, tx, tokenizer, captions_probe, device, args.zero_snr, captions_attr)
         secs = time.monotonic() - t
         t_start += secs  # probe time is not training time
         score = probe_score(r)
         probe_rows.append([step, f"{elapsed() / 60:.2f}", step * B, f"{secs:.1f}", f"{score:.4f}"] +
-                          [f"{r[k + sfx]:.4f}" for k in PROBE_KEYS for sfx in ("", "_lo", "_hi")])
+                          [f"{r[k + sfx]:.4f}" for k in PROBE_KEYS for sfx in ("", "_lo", "_hi")] +
+                          [int(r[k + "_n"]) for k in PROBE_KEYS])
         write_csv(out / "probe.csv", PROBE_HEADER, probe_rows)
         (out / "probe").mkdir(exist_ok=True)
         write_png(out / "probe" / f"step_{step:07d}.png", image_grid(imgs))
+        if len(attr_imgs):
+            write_png(out / "probe" / f"step_{step:07d}_attributes.png", image_grid(attr_imgs))
+            (out / "probe" / "attribute_captions.txt").write_text("".join(f"{i}\t{c}\n" for i, c in enumerate(captions_attr)))
         (out / "probe" / "captions.txt").write_text("".join(f"{i}\t{c}\n" for i, c in enumerate(captions_probe)))
         best = score > best_score
         if best:
             best_score = score
-            probe_meta = {k: v if isinstance(v, int) else float(v) for k, v in zip(PROBE_HEADER, probe_rows[-1])}
+            probe_meta = {k: v if isinstance(v, int) else (None if v == "nan" else float(v)) for k, v in zip(PROBE_HEADER, probe_rows[-1])}
             write_model_dir(out / "best", u, tx, export_dtype, meta() | {"probe": probe_meta},
                             log_rows, out / "tokenizer", args.zero_snr)
             write_csv(out / "best" / "probe.csv", PROBE_HEADER, probe_rows)
         msg = (f"probe @ step {step} ({elapsed() / 60:.1f} train min, {secs:.0f} s): object recall {r['object_recall']:.1%}, "
-               f"background right {r['background_right']:.1%}, caption-exact {r['caption_exact']:.1%}"
+               f"background right {r['background_right']:.1%}, caption-exact {r['caption_exact']:.1%}, attribute drawn "
+               f"{'/'.join(format(r['attribute_' + a], '.0%') for a in ('blurry', 'noisy', 'dark', 'striped'))} "
+               f"(blurry/noisy/dark/striped), broken {r['broken_images']:.1%}, localization {r['object_localization']:.1%}, "
+               f"removal {r['object_removal']:.1%}, named kept {r['object_named_kept']:.1%}"
                f"{' (best so far: exported to ' + str(out / 'best') + ')' if best else ''}")
         tqdm.write(msg) if args.progress == "bar" else print(msg, flush=True)
 

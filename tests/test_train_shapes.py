@@ -256,12 +256,69 @@ def test_probe_scores_world_images_and_rejects_wrong_captions():
     assert wrong["background_right"] < 0.6 and wrong["caption_exact"] < 0.5
 
 
+def test_probe_rates_read_planted_maps_attributes_broken_images_and_removals():
+    """The probe's new rates on the world's own images, where the truth is known: each attribute drawn when
+    named, no broken image (a noise image is broken), a word map equal to its object's mask localizes and a
+    flat map does not, and a negative image without X (with the named objects) counts as a clean removal."""
+    import numpy as np
+
+    from negstudy.shapes.world import ATTRIBUTES, sample_dataset
+
+    ts = load_script()
+    images, captions, scenes = sample_dataset(32, seed=11, p_named=1.0, p_counts=(0, 0.5, 0.5, 0))
+    attr_images, attr_captions, _ = sample_dataset(48, seed=12, p_attribute=1.0, p_named_attribute=1.0,
+                                                   p_counts=(0, 0, 1.0, 0))
+    from negstudy.shapes import oracle
+
+    verdicts = oracle.inspect_batch(images)
+    planted = [{o: m.astype(np.float32) for o, m in v.objects.items()} for v in verdicts]
+    flat = [{o: np.ones((32, 32), np.float32) for o in v.objects} for v in verdicts]
+    # negatives: "X" on an image drawn without X: the same image back (X absent, named objects kept)
+    jobs = [(i, next(o for o in ("ball", "sun", "box", "tree", "kite") if o not in s.object_names)) for i, s in enumerate(scenes)]
+    r = ts.probe_rates(images, list(captions), planted, attr_images, list(attr_captions), jobs, images)
+    for a in ATTRIBUTES:
+        assert r[f"attribute_{a}_n"] > 0 and r[f"attribute_{a}"] >= 0.85, (a, r[f"attribute_{a}"])
+    assert r["broken_images"] == 0.0 and r["broken_images_n"] == 32 + 48
+    assert r["object_localization"] == 1.0 and r["object_localization_n"] >= 40
+    assert r["object_removal"] == 1.0 and r["object_named_kept"] >= 0.95 and r["object_removal_n"] == 32
+    r = ts.probe_rates(images, list(captions), flat, attr_images[:0], [], [], images[:0])
+    assert r["object_localization"] == 0.0
+    noise = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    assert all(ts.is_broken(v) for v in oracle.inspect_batch(noise))
+
+
+@pytest.mark.timeout(150)
+def test_text_length_cuts_the_padding_and_init_from_keeps_the_first_slots(tmp_path, monkeypatch):
+    """--text-length 16 with --init-from: tokenizer and text encoder have 16 slots, and at step 0 the causal
+    encoder's hidden states on them are the source's (the source's position embeddings, cut)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ts = load_script()
+    ts.main(["--out", str(tmp_path / "src"), *TINY, "--steps", "1", "--progress", "lines"])
+    src = tmp_path / "src" / "model"
+    ts.main(["--out", str(tmp_path / "cut"), *TINY, "--steps", "1", "--lr", "0", "--ema-decay", "1",
+             "--init-from", str(src), "--text-length", "16", "--progress", "lines"])
+    cut = tmp_path / "cut" / "model"
+    tok = CLIPTokenizer.from_pretrained(cut, subfolder="tokenizer")
+    text_cut = CLIPTextModel.from_pretrained(cut, subfolder="text_encoder", torch_dtype=torch.float32)
+    text_src = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=torch.float32)
+    assert tok.model_max_length == 16 and text_cut.config.max_position_embeddings == 16
+    ids = tok(["a sun, a ball and a box on the sand, striped"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    assert ids.shape == (1, 16) and ids[0, -1] == tok.eos_token_id  # the world's longest caption fits, <eos> included
+    with torch.no_grad():
+        a = text_cut(ids).last_hidden_state
+        b = text_src(torch.cat([ids, ids[:, -1:].repeat(1, 61)], 1)).last_hidden_state[:, :16]
+    assert torch.allclose(a, b, atol=1e-2)  # fp16 export of the same weights
+
+
 @pytest.mark.timeout(400)
 def test_probe_inside_training_logs_keeps_best_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ts = load_script()
     out = tmp_path / "run"
-    probe = ["--probe-every-minutes", "1e-6", "--probe-n", "4", "--min-snr", "5", "--progress", "lines"]
+    probe = ["--probe-every-minutes", "1e-6", "--probe-n", "4", "--probe-attribute-n", "1", "--min-snr", "5",
+             "--progress", "lines"]
     wall = time.monotonic()
     ts.main(["--out", str(out), *TINY, "--steps", "2", *probe])
     wall = time.monotonic() - wall
@@ -270,6 +327,9 @@ def test_probe_inside_training_logs_keeps_best_and_resumes(tmp_path, monkeypatch
     for r in rows:
         for k in ("object_recall", "background_right", "caption_exact"):
             assert 0.0 <= float(r[k + "_lo"]) <= float(r[k]) <= float(r[k + "_hi"]) <= 1.0
+        for k in ts.PROBE_KEYS:  # the new columns too: a rate, or nan when nothing was there to count
+            assert k in r and (r[k] == "nan" or 0.0 <= float(r[k]) <= 1.0)
+        assert float(r["broken_images"]) >= 0.0  # 4 plain + 4 attribute images: never nothing to count
         assert float(r["probe_seconds"]) > 0 and int(r["images_seen"]) == 4 * int(r["step"])
     assert (out / "probe" / "step_0000002.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "probe" / "captions.txt").read_text().splitlines()) == 4
