@@ -295,6 +295,16 @@ def strength_ratio(neg_values, pos_values) -> np.ndarray:
         return neg / pos
 
 
+def mask_on_grid(mask, size: tuple[int, int]) -> np.ndarray:
+    """A bool (H, W) image-space region on the grid ``size`` (the latents, where the maps live): a cell
+    is in the region if at least half of the pixels it covers are (area pooling); the identity for
+    pixel-space models, whose maps are at the image's size."""
+    m = torch.as_tensor(np.asarray(mask)).bool()
+    if tuple(m.shape) != tuple(size):
+        m = F.interpolate(m[None, None].float(), size=tuple(size), mode="area")[0, 0] >= 0.5
+    return m.numpy()
+
+
 def mass_in_mask(map, mask) -> float:
     """Fraction of a map's (non-negative) mass inside a boolean mask of the same (h, w); NaN for an all-zero map."""
     m, k = _pair(map, mask)

@@ -85,6 +85,7 @@ class ClipConfig(EvaluatorConfig):
     path: str = "auto"  # auto = builtin:shapes_clip on the shapes model, openai/clip-vit-large-patch14 otherwise
     batch_size: int = 64
     local_files_only: bool = False
+    margin: float = 0.01  # presence on other models: unsure while |cos(named) - cos("a photo")| <= margin
 
 
 @dataclass
@@ -115,6 +116,7 @@ class SweepConfig:
     name: str = "single"  # display label (W&B group, report); single: one generation job
     study: Any = None  # null: one generation job; else {_target_: negstudy.studies.<name>.run, _partial_: true} (negstudy.studies)
     stride: int = 3  # start steps k = 0, stride, 2 stride, ... of the delayed negative
+    screen: bool = True  # screen seeds with the reader (negstudy's protocol); false: every seed of `seeds`, drawn or not (the paper's)
     screen_seeds: int = 16  # seeds screened per pair for the concept to appear without the negative
     max_seeds: int = 4  # seeds per pair entering the start-step sweep
     min_seeds: int = 2  # pad with seeds lacking the concept (ratio curves only) up to this many

@@ -118,12 +118,13 @@ def fig_attention_grid(maps_pos, maps_neg, windows: Sequence[tuple[int, int]], h
 
 
 def attention_grid_for(sampler, prompt: str, negative: str, seed: int, window: int = 5, hit_lift: float = HIT_LIFT,
-                       positive_word: str | None = None) -> tuple[Figure, pd.DataFrame]:
+                       positive_word: str | None = None, reader=None) -> tuple[Figure, pd.DataFrame]:
     """Figure 1/4 for one (prompt, negative, seed), with the "right place" decided automatically.
 
     One batch: the negative at every step (cross-attention recorded in both branches) and the same
-    seed without it. The region is the oracle's mask of the negative's object in the image without
-    the negative. Per window of ``window`` steps, the mass of the window-mean map inside the region
+    seed without it. The region is the reader's (:mod:`negstudy.evaluators.reader`; default: the
+    shapes oracle) region of the negative's object in the image without the negative, pooled onto
+    the maps' grid; a reader that does not locate (CLIP, a judge) gives none: no window is boxed. Per window of ``window`` steps, the mass of the window-mean map inside the region
     (:func:`negstudy.attention.mass_in_mask`); the first window whose negative-branch map puts
     ``hit_lift`` times a uniform map's mass on the region is the hit (the attention hit rule,
     :func:`negstudy.critical.attention_hit_step`, on the window masses).
@@ -132,28 +133,38 @@ def attention_grid_for(sampler, prompt: str, negative: str, seed: int, window: i
     mass_in_region, hit (NaN masses when the object does not appear without the negative), heat (the
     window-mean map, float32 (h, w): not written to parquet; W&B shows it in a table).
     """
-    from negstudy.evaluators.ensemble import concept_present, oracle_readings
+    from negstudy.attention import mask_on_grid
 
+    if reader is None:
+        from negstudy.evaluators.ensemble import oracle_readings
+        from negstudy.evaluators.reader import ShapesReader
+
+        reader = ShapesReader("oracle", oracle_readings, locates=True)
     positive_word = positive_word or positive_word_of(prompt)
     n = sampler.n_calls
     recorder = AttentionRecorder(sampler.unet, words=[negative, positive_word])
     batch = Batch([prompt] * 2, [negative] * 2, [seed] * 2, [Always().plan(n), Never().plan(n)])
     images = to_uint8(sampler.generate(batch, [recorder]))
-    present, region = concept_present(oracle_readings(images[1:2])[0], negative)
+    look = reader.look(images[1:2], [negative], ["object"])[0]
+    present, region = look.present, look.region
     maps_pos = recorder.maps(0, "positive", positive_word).float().numpy()
     maps_neg = recorder.maps(0, "negative", negative).float().numpy()
     windows = step_windows(n, window)
     rows = []
+    grid = mask_on_grid(region, maps_neg.shape[1:]) if region is not None else None  # pixels -> the maps' grid
+    grid = grid if grid is not None and grid.any() else None
     for branch, word, maps in (("positive", positive_word, maps_pos), ("negative", negative, maps_neg)):
         for k, mean in enumerate(window_means(maps, windows)):
-            mass = mass_in_mask(mean, region) if region is not None else float("nan")
+            mass = mass_in_mask(mean, grid) if grid is not None else float("nan")
             rows.append({"window": k, "first_step": windows[k][0], "last_step": windows[k][1], "branch": branch,
                          "word": word, "mass_in_region": mass, "heat": mean.astype(np.float32)})
     table = pd.DataFrame(rows)
     neg = table[table.branch == "negative"].sort_values("window")
-    hit = attention_hit_step(neg.mass_in_region.to_numpy(), float(region.mean()), hit_lift) if region is not None else None
+    hit = attention_hit_step(neg.mass_in_region.to_numpy(), float(grid.mean()), hit_lift) if grid is not None else None
     table["hit"] = table.window == hit if hit is not None else False
-    where = "object region outlined" if present else "object absent without the negative: no region"
+    where = ("object region outlined" if region is not None else
+             "object present, its region not located by this reader" if present else
+             "object absent without the negative: no region" if present is False else "object not judged: no region")
     fig = fig_attention_grid(maps_pos, maps_neg, windows, hit, image=images[1], words=(positive_word, negative), region=region,
                              title=f"'{prompt}', negative '{negative}', seed {seed}\nimage without the negative, {where}; "
                                    f"boxed: first window whose map puts >= {hit_lift:g}x a uniform map's mass on the region")

@@ -64,7 +64,8 @@ def build(root: str | Path, variant: str = DEFAULT_VARIANT) -> Path:
     names = list(dict.fromkeys(t for _, rep in found for t in rep.tables))
     jobs = sorted({p.parent for p in root.rglob("config.yaml") if not {"report", ".hydra"} & set(p.relative_to(root).parts)})
     study_figures = [f for job in jobs for f in sorted(job.glob("*.png")) + sorted(job.glob("grids/*.png"))]  # drawn by studies
-    if not any(next(root.rglob(f"{t}.parquet"), None) for t in names) and not study_figures:
+    if not any(next(root.rglob(f"{t}.parquet"), None) for t in names) and not study_figures \
+            and next(root.rglob(f"{studies.LIMITS_TABLE}.parquet"), None) is None:
         raise FileNotFoundError(f"{root}: no {', '.join(f'{t}.parquet' for t in names)} below it: "
                                 "is it a negstudy run directory?")
     out = root / "report"
@@ -79,6 +80,9 @@ def build(root: str | Path, variant: str = DEFAULT_VARIANT) -> Path:
         sections += summary.sections
         figures.update(summary.figures)
         inputs.update(summary.page)
+    limits = _read(root, studies.LIMITS_TABLE)
+    if not limits.empty:  # what the chosen evaluator could not measure: said once, first
+        sections.insert(0, ("What the reader could not measure", limits[["study", "reader", "left_out"]].drop_duplicates()))
     for png in study_figures:
         figures[str(png.relative_to(root).with_suffix(""))] = base64.b64encode(png.read_bytes()).decode()
     md = ["# negstudy report", "", f"Run: `{run_name(root)}`. Ratio variant: `{variant}`. Rules: object = peak of the mean ratio curve; "
@@ -114,6 +118,9 @@ def summary_lines(root: str | Path) -> list[str]:
     root = Path(root)
     lines = [line for _, rep in studies.reports(studies.job_targets(root)) if rep.lines is not None
              for line in rep.lines(root / "report")]
+    limits = _read(root, studies.LIMITS_TABLE)
+    if not limits.empty:
+        lines += [f"not measured: {line}" for line in dict.fromkeys(limits.left_out)]
     card = root / "report" / "scorecard.csv"
     if card.exists():
         verdicts = pd.read_csv(card).verdict.str.replace(r"^(not measured in this run) .*", r"\1", regex=True).value_counts()

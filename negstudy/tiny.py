@@ -2,7 +2,8 @@
 
 For tests and smoke runs only: they exercise every code path of a real checkpoint (text
 encoder, UNet with cross-attention in down and up blocks, VAE, scheduler) in milliseconds.
-``save_tiny_model`` writes a diffusers directory that ``model.path`` can point at.
+``save_tiny_model`` writes a diffusers directory that ``model.path`` can point at; ``save_tiny_owl``
+an OWLv2 detector that ``evaluator.path`` can.
 """
 
 from __future__ import annotations
@@ -181,4 +182,39 @@ def save_tiny_sdxl(directory: str | Path, seed: int = 0, *, world: str | None = 
         index = json.loads(index_path.read_text())
         index["negstudy"] = {"world": world, "resolution": 32}
         index_path.write_text(json.dumps(index, indent=2) + "\n")
+    return directory
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def save_tiny_owl(directory: str | Path, words=(), side: int = 32, seed: int = 0) -> Path:
+    """Write a tiny random ``Owlv2ForObjectDetection`` + ``Owlv2Processor`` (``side`` px input, 8 px
+    patches) that ``evaluator=owl evaluator.path=<directory>`` loads; its box head is zeroed so every
+    box is the grid prior (well-formed, not random extremes). ``words``: extra vocabulary."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor
+    from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil
+
+    from negstudy.shapes.world import OBJECT_NAMES
+    from negstudy.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(sorted({"a", "photo", "of", *OBJECT_NAMES, *TINY_WORDS, *words}), model_max_length=16)
+    tokenizer.pad_token = "!"  # OWL's pad token: id 0, as the text config says
+    config = Owlv2Config(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                     "num_attention_heads": 4, "max_position_embeddings": 16, "pad_token_id": tokenizer.pad_token_id,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "image_size": side, "patch_size": 8},
+        projection_dim=32,
+    )
+    torch.manual_seed(seed)
+    model = Owlv2ForObjectDetection(config).eval()
+    with torch.no_grad():
+        model.box_head.dense2.weight.zero_()
+        model.box_head.dense2.bias.zero_()
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    Owlv2Processor(image_processor=Owlv2ImageProcessorPil(size={"height": side, "width": side}),
+                   tokenizer=tokenizer).save_pretrained(directory)
     return directory

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from negstudy.shapes import world
@@ -57,16 +58,17 @@ def main(argv=None) -> None:
     sampler = NegativeSampler(load_pipeline(cfg, pick_device("cpu")), steps=args.steps, guidance_scale=7.5)
     items = [(c, s) for c in captions for s in range(args.seeds)]
     start = time.perf_counter()
-    # the studies' own screening (never schedule, the ensemble reader); its per-item verdict is for the
-    # placeholder negative and unused: every concept is judged from the one reading, by the studies' rule
-    screened = screen_without_negative(sampler, EnsembleEvaluator.build(world="shapes").read, [c for c, _ in items],
-                                       ["noisy"] * len(items), [s for _, s in items], args.batch_size)
+    # the studies' own screening (never schedule) without a reader: every concept is then judged from
+    # one ensemble reading of each image, by the studies' rule
+    screened = screen_without_negative(sampler, None, [c for c, _ in items], ["noisy"] * len(items),
+                                       ["attribute"] * len(items), [s for _, s in items], args.batch_size)
+    readings = EnsembleEvaluator.build(world="shapes").read(np.stack([found.image for found in screened]))
     rows = []
-    for (caption, seed), found in zip(items, screened):
+    for (caption, seed), reading in zip(items, readings):
         named = world.parse_caption(caption).objects
         for concept in [o for o in world.OBJECT_NAMES if o not in named] + list(world.ATTRIBUTES):
             rows.append({"caption": caption, "concept": concept, "category": "attribute" if concept in world.ATTRIBUTES else "object",
-                         "seed": seed, "present": concept_present(found.reading, concept)[0]})
+                         "seed": seed, "present": concept_present(reading, concept)[0]})
     frame = pd.DataFrame(rows)
     out = []
     for (caption, concept, category), g in frame.groupby(["caption", "concept", "category"], sort=False):

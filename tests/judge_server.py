@@ -77,6 +77,9 @@ def answer(task: str, images: list[np.ndarray], text: str, schema: dict) -> dict
         name = json.loads(re.search(r'object: ("(?:[^"\\]|\\.)*")', text).group(1))
         verdict = oracle.inspect_batch(np.stack(images))[0]
         return {"present": any(verdict.present(o) for o in world.parse_caption(name).objects)}
+    if task == "attribute":  # the oracle's attribute ("none" when it sees none, so any name is then absent)
+        name = json.loads(re.search(r'look ("(?:[^"\\]|\\.)*")\?', text).group(1))
+        return {"present": oracle.inspect_batch(np.stack(images))[0].attribute == name}
     if task == "closer":
         original, a, b = images
         return {"closer": "a" if background_difference(original, a, b) <= background_difference(original, b, a) else "b"}

@@ -21,31 +21,9 @@ SIDE = 32  # the tiny model's input size (4 x 4 patches of 8 px)
 @pytest.fixture(scope="module")
 def owl_dir(tmp_path_factory):
     """A tiny random Owlv2ForObjectDetection + Owlv2Processor written by save_pretrained."""
-    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor
-    from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil
+    from negstudy.tiny import save_tiny_owl
 
-    from negstudy.tokenizer import build_clip_tokenizer
-
-    tokenizer = build_clip_tokenizer(["a", "photo", "of", *OBJECT_NAMES], model_max_length=16)
-    tokenizer.pad_token = "!"  # OWL's pad token: id 0, as the text config says
-    config = Owlv2Config(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
-                     "num_attention_heads": 4, "max_position_embeddings": 16, "pad_token_id": tokenizer.pad_token_id,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
-        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
-                       "image_size": SIDE, "patch_size": 8},
-        projection_dim=32,
-    )
-    torch.manual_seed(0)
-    model = Owlv2ForObjectDetection(config).eval()
-    with torch.no_grad():  # boxes = the grid prior (well-formed), not random extremes
-        model.box_head.dense2.weight.zero_()
-        model.box_head.dense2.bias.zero_()
-    directory = tmp_path_factory.mktemp("owl") / "tiny-owlv2"
-    model.save_pretrained(directory)
-    Owlv2Processor(image_processor=Owlv2ImageProcessorPil(size={"height": SIDE, "width": SIDE}),
-                   tokenizer=tokenizer).save_pretrained(directory)
-    return directory
+    return save_tiny_owl(tmp_path_factory.mktemp("owl") / "tiny-owlv2", side=SIDE)
 
 
 def owl_cfg(path, **overrides):

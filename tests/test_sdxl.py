@@ -1,6 +1,6 @@
 """SDXL end to end on a tiny random SDXL (negstudy.tiny): parity with StableDiffusionXLPipeline, the
 attention recorder on depth-2 transformer blocks and two tokenizers, the shared-prefix engine, and
-every study from the command line with ``model=sdxl``."""
+every study from the command line with ``model=sdxl`` read by CLIP."""
 
 import subprocess
 import sys
@@ -16,6 +16,9 @@ from negstudy.sampler import Batch, KeepStates, NegativeSampler
 from negstudy.schedules import Always, FromStep, Never, Window
 from negstudy.tiny import save_tiny_sdxl, tiny_sdxl_pipeline
 
+sys.path.insert(0, str(Path(__file__).parent))
+from study_settings import STUDIES, WRITES  # noqa: E402
+
 PROMPT, NEG = "a cat on the grass", "dog"
 
 
@@ -27,8 +30,9 @@ def xl():
 
 @pytest.fixture(scope="module")
 def xl_dir(tmp_path_factory):
-    """A saved tiny SDXL marked as a shapes-world model (32x32 images the oracle reads; they are noise)."""
-    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "tiny-sdxl", world="shapes")
+    """A saved tiny SDXL, like a real SDXL checkpoint: no shapes-world marker, so the studies read its
+    (noise) images with the evaluator the command line names."""
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "tiny-sdxl")
 
 
 def reference(pipe, negative, steps=6, seed=7):
@@ -170,24 +174,6 @@ def test_energy_barrier_conditions_the_sdxl_unet(xl):
     assert not np.allclose(table.error, other.error)  # the prompt (and its pooled embedding) reaches the UNet
 
 
-STUDIES = {  # the smallest settings of each +sweep= overlay (one in-process job each)
-    "critical_step": ["steps=4", "sweep.screen_seeds=2", "sweep.max_seeds=1", "sweep.min_seeds=1", "sweep.stride=2",
-                      "dataset.limit=1"],
-    "reverse_activation": ["steps=4", "sweep.screen_seeds=2", "sweep.max_seeds=1", "sweep.stride=2", "dataset.limit=1",
-                           "evaluator=oracle"],  # the oracle reads the noise as "absent": the k sweep runs
-    "mechanisms": ["steps=4", "seeds=[0]", "dataset.limit=1", "mechanisms.screen_seeds=1", "mechanisms.max_extra=1",
-                   "mechanisms.draws=1", "mechanisms.energy_steps=[1]"],
-    "attention_maps": ["steps=4", "seeds=[0]", "dataset.limit=1", "sweep.stride=2"],
-    "removal": ["steps=4", "seeds=[0]", "dataset.limit=1"],
-    "methods": ["steps=4", "sweep.screen_seeds=2", "sweep.max_seeds=1", "sweep.min_seeds=1", "sweep.stride=2",
-                "dataset.limit=1", "sweep.study.methods=[cfg,nag]", "sweep.study.removal_captions=1",
-                "sweep.study.removal_seeds=[0]", "fixed_rows=auto", "batch_size=8"],
-}
-WRITES = {"critical_step": "ratio.parquet", "reverse_activation": "reverse.parquet", "mechanisms": "inducing.parquet",
-          "attention_maps": "attention_windows.parquet", "removal": "originals.parquet",
-          "methods": "by_method/nag/methods_ratio.parquet"}
-
-
 def test_every_study_runs_with_model_sdxl(xl_dir, tmp_path, monkeypatch, capsys):
     """Each +sweep= overlay with model=sdxl on the tiny SDXL, as typed on the command line: the main job
     as a real `python -m negstudy` multirun (the overlay's two shards), the others through the same
@@ -195,7 +181,8 @@ def test_every_study_runs_with_model_sdxl(xl_dir, tmp_path, monkeypatch, capsys)
     from negstudy.__main__ import app
 
     assert set(STUDIES) == {p.stem for p in (Path(__file__).parents[1] / "conf" / "sweep").glob("*.yaml")}  # every overlay
-    common = ["model=sdxl", f"model.path={xl_dir}", "logger=none", "save_images=false"]
+    common = ["model=sdxl", f"model.path={xl_dir}", "logger=none", "save_images=false", "evaluator=clip",
+              "evaluator.path=builtin:shapes_clip"]  # a real CLIP, small, on disk
     sweep = tmp_path / "critical_step"
     proc = subprocess.run([sys.executable, "-m", "negstudy", "+sweep=critical_step", *common, *STUDIES["critical_step"][:-1],
                            "dataset.limit=2", f"hydra.sweep.dir={sweep}"],
@@ -217,7 +204,8 @@ def test_every_study_runs_with_model_sdxl(xl_dir, tmp_path, monkeypatch, capsys)
         assert (out / "report" / "report.html").exists(), name
         assert "  name: sdxl\n" in (out / "config.yaml").read_text(), name
         assert len(pd.read_parquet(out / WRITES[name])), name
-    assert len(pd.read_parquet(tmp_path / "reverse_activation" / "reverse.parquet")) == 3  # k = 0, 2, 4 on one pair-seed
+    screen = pd.read_parquet(tmp_path / "reverse_activation" / "reverse_screen.parquet")
+    assert len(pd.read_parquet(tmp_path / "reverse_activation" / "reverse.parquet")) == 3 * min(1, int(screen.absent.sum()))  # k = 0, 2, 4
     # and the plain generation job under a windowed schedule
     out = tmp_path / "generate"
     monkeypatch.setattr(sys, "argv", ["negstudy", *common, "steps=4", "seeds=[0]", "dataset.limit=1", "schedule=window",

@@ -10,8 +10,12 @@ Every evaluator implements
 - ``objects(images, labels) -> list[dict[str, mask | None] | None]``: the objects it finds in each
   image among ``labels``, each with a boolean (H, W) mask of its region when the evaluator can
   locate it (oracle, detector) or None (judge); None for an image it could not judge;
-- ``present(images, names) -> list[bool | None]``: whether object ``names[i]`` is in image ``i``
-  (None = no answer, recorded as missing, never guessed).
+- ``present(images, names, kind="object") -> list[bool | None]``: whether concept ``names[i]``
+  (an object, or with ``kind="attribute"`` a property of the whole image such as "blurry") is in
+  image ``i`` (None = no answer or unsure, recorded as missing, never guessed); ``kinds`` lists
+  the kinds it judges (a kind it does not judge is answered None).
+
+The studies read images through :mod:`negstudy.evaluators.reader`, which wraps these methods.
 
 ``images`` are uint8 arrays (B, H, W, 3). The judge adds ``closer`` and ``background_rating``.
 """
@@ -30,17 +34,19 @@ Mask = np.ndarray
 class Evaluator(Protocol):
     name: str
     locates: bool  # objects() returns masks
+    kinds: tuple[str, ...]  # the concept kinds present() judges: "object", "attribute"
 
     def evaluate(self, images: np.ndarray, items) -> list[dict]: ...
 
     def objects(self, images: np.ndarray, labels: Sequence[str]) -> list[dict[str, Mask | None] | None]: ...
 
-    def present(self, images: np.ndarray, names: Sequence[str]) -> list[bool | None]: ...
+    def present(self, images: np.ndarray, names: Sequence[str], kind: str = "object") -> list[bool | None]: ...
 
 
 class NoEvaluator:
     name = "none"
     locates = False
+    kinds = ()
 
     def __init__(self, *, world: str | None = None):
         pass
@@ -51,7 +57,7 @@ class NoEvaluator:
     def objects(self, images, labels):
         return [None for _ in images]
 
-    def present(self, images, names):
+    def present(self, images, names, kind: str = "object"):
         return [None for _ in images]
 
 

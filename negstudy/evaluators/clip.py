@@ -14,9 +14,15 @@ Presence is zero-shot, by comparing captions that name the object with captions 
   captions, written by ``world.caption``) is scored; the object is present iff the best caption
   naming it beats the best caption lacking it, i.e. iff the best caption names it. ``objects``
   reads the objects of that best caption. Measured against the oracle in the model card.
-- any other model: ``cos(image, "a photo of a {name}") > cos(image, "a photo")``. Not measured
-  here (the hub is out of reach); treat it as a rough screen.
-- shapes world, a name that is not a world object: no answer (None).
+- any other model: ``d = cos(image, "a photo of a {name}") - cos(image, "a photo")`` for an object,
+  ``cos(image, "a {name} photo") - cos(image, "a photo")`` for an attribute ("blurry",
+  "unpleasant"); present if ``d > margin``, absent if ``d < -margin``, unsure (None) between
+  (``evaluator.margin``, cosine units; 0 answers every image). Not measured against labels here
+  (the hub is out of reach); treat it as a screen whose unsure band you tune on your images.
+- shapes world, a name that is not a world object: no answer (None); an attribute: whether the
+  best caption names it. The studies' reader on the shapes world reads with the shapes CLIP's
+  margins instead (:func:`negstudy.evaluators.ensemble.clip_readings`: objects, background and
+  attribute, each with an unsure band; :mod:`negstudy.evaluators.reader`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from negstudy.errors import ConfigError, ModelNotFoundError
 SHAPES_CLIP = "builtin:shapes_clip"
 OPENAI_CLIP = "openai/clip-vit-large-patch14"
 GENERIC_NAMED = "a photo of a {name}"
+GENERIC_ATTRIBUTE = "a {name} photo"
 GENERIC_LACKING = "a photo"
 
 
@@ -62,11 +69,14 @@ def shapes_captions() -> tuple[list[str], list[frozenset[str]]]:
 class ClipEvaluator:
     name = "clip"
     locates = False
+    kinds = ("object", "attribute")
 
-    def __init__(self, model, processor, *, world: str | None = None, batch_size: int = 64, device="cpu"):
+    def __init__(self, model, processor, *, world: str | None = None, batch_size: int = 64, device="cpu",
+                 margin: float = 0.0):
         self.model = model.eval()
         self.processor = processor
         self.world = world
+        self.margin = float(margin)
         self.batch_size = batch_size
         self.device = torch.device(device)
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -99,7 +109,11 @@ class ClipEvaluator:
                 f"On a machine with internet run `hf download {path} --local-dir <DIR>`, copy <DIR> here and set evaluator.path=<DIR>"
             ) from err
         device = pick_device("auto")
-        return cls(model.to(device), processor, world=model_world, batch_size=cfg_evaluator.batch_size, device=device)
+        margin = float(cfg_evaluator.get("margin", 0.0))
+        if margin < 0:
+            raise ConfigError(f"evaluator.margin={margin}: must be >= 0 (cosine units; 0 = no unsure band)")
+        return cls(model.to(device), processor, world=model_world, batch_size=cfg_evaluator.batch_size, device=device,
+                   margin=margin)
 
     # ------------------------------------------------------------------ embeddings
 
@@ -149,26 +163,32 @@ class ClipEvaluator:
             for it, p, n in zip(items, s_prompt, s_negative)
         ]
 
-    def present(self, images: np.ndarray, names: Sequence[str]) -> list[bool | None]:
+    def present(self, images: np.ndarray, names: Sequence[str], kind: str = "object") -> list[bool | None]:
+        """Whether concept ``names[i]`` is in image ``i`` (module docstring); None where unsure."""
         if len(images) != len(names):
             raise ValueError(f"present: {len(images)} images but {len(names)} names")
-        img = self.image_embeds(images)
         if self.world == "shapes":
+            img = self.image_embeds(images)
+            if kind == "attribute":  # the best full caption's attribute, as for objects
+                return [a == name for name, a in zip(names, self._decode(img, "attribute"))]
             found = self._decode(img)
             return [(name in f) if name in self._world_objects() else None for name, f in zip(names, found)]
-        named = (img * self.text_embeds([GENERIC_NAMED.format(name=n) for n in names])).sum(-1)
+        img = self.image_embeds(images)
+        template = GENERIC_ATTRIBUTE if kind == "attribute" else GENERIC_NAMED
+        named = (img * self.text_embeds([template.format(name=n) for n in names])).sum(-1)
         lacking = img @ self.text_embeds([GENERIC_LACKING])[0]
-        return [bool(a > b) for a, b in zip(named, lacking)]
+        d = (named - lacking).numpy()
+        return [True if x > self.margin else False if x < -self.margin else None for x in d]
 
     def objects(self, images: np.ndarray, labels: Sequence[str]) -> list[dict[str, None]]:
-        """The labels judged present in each image (no masks: CLIP does not locate)."""
+        """The labels surely present in each image (above the margin; no masks: CLIP does not locate)."""
         img = self.image_embeds(images)
         labels = list(labels)
         if self.world == "shapes":
             return [{o: None for o in labels if o in f} for f in self._decode(img)]
         named = img @ self.text_embeds([GENERIC_NAMED.format(name=n) for n in labels]).T  # (B, L)
         lacking = img @ self.text_embeds([GENERIC_LACKING])[0]
-        return [{o: None for o, hit in zip(labels, row > base) if hit} for row, base in zip(named, lacking)]
+        return [{o: None for o, hit in zip(labels, row > base + self.margin) if hit} for row, base in zip(named, lacking)]
 
     # ------------------------------------------------------------------ the shapes-world decoder
 
@@ -177,14 +197,17 @@ class ClipEvaluator:
 
         return OBJECT_NAMES
 
-    def _decode(self, img: torch.Tensor) -> list[frozenset[str]]:
-        """Objects named by each image's best full world caption. img: (B, D) unit embeddings."""
+    def _decode(self, img: torch.Tensor, what: str = "objects") -> list:
+        """Per image, the objects (a frozenset) or the attribute (a name or None) of its best full world
+        caption. img: (B, D) unit embeddings."""
         if self._decoder is None:
+            from negstudy.shapes.world import parse_caption
+
             captions, named = shapes_captions()
-            self._decoder = (self.text_embeds(captions), named)
-        caption_embeds, named = self._decoder
+            self._decoder = (self.text_embeds(captions), named, [parse_caption(c).attribute for c in captions])
+        caption_embeds, named, attributes = self._decoder
         best = (img @ caption_embeds.T).argmax(-1)
-        return [named[int(i)] for i in best]
+        return [(named if what == "objects" else attributes)[int(i)] for i in best]
 
 
 def _features(out) -> torch.Tensor:

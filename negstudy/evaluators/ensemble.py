@@ -35,7 +35,7 @@ or ``"unsure"``); the attribute (a class, ``"none"`` or ``"unsure"``). Three rea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -243,6 +243,7 @@ class EnsembleEvaluator:
 
     name = "ensemble"
     locates = True
+    kinds = ("object", "attribute")
 
     def __init__(self, clip):
         self.clip = clip
@@ -260,7 +261,7 @@ class EnsembleEvaluator:
         from negstudy.evaluators import shapes_world_only
         from negstudy.evaluators.clip import ClipEvaluator
 
-        shapes_world_only("ensemble", model_world, "evaluator=clip or judge")
+        shapes_world_only("ensemble", model_world, "evaluator=owl, clip or judge")
         return cls(ClipEvaluator.from_config(cfg_evaluator, model_world))
 
     def read(self, images: np.ndarray) -> list[Reading]:
@@ -271,8 +272,10 @@ class EnsembleEvaluator:
         return [{o: r.masks.get(o) for o, s in r.objects.items() if s and (labels is None or o in labels)}
                 for r in self.read(images)]
 
-    def present(self, images, names) -> list[bool | None]:
+    def present(self, images, names, kind: str = "object") -> list[bool | None]:
         """True / False, or None where the reader is unsure (recorded as missing, never guessed)."""
+        if kind == "attribute":
+            return [None if r.attribute == UNSURE else r.attribute == name for r, name in zip(self.read(images), names)]
         return [r.objects.get(name) if name in world.OBJECT_NAMES else None for r, name in zip(self.read(images), names)]
 
     def evaluate(self, images, items) -> list[dict]:
@@ -334,21 +337,6 @@ def agreement(table, readings: Sequence[Reading]) -> dict[str, dict]:
 
 
 # ----------------------------------------------------------------------------- the studies' reader
-
-def study_reader(cfg_evaluator) -> tuple[str, Callable[[np.ndarray], list[Reading]]]:
-    """The reader a study of the shapes world uses: the configured evaluator when it reads images
-    into :class:`Reading` s (its class has ``read``: the oracle, the ensemble), else the default
-    ensemble. Returns (name, images (B, 32, 32, 3) uint8 -> readings). The studies need masks
-    (attention lift, PSNR outside the object), which only such readers give."""
-    from negstudy.targets import build, target_of
-
-    if cfg_evaluator is not None and "_target_" in cfg_evaluator:
-        target = target_of(cfg_evaluator, "evaluator")
-        if callable(getattr(getattr(target, "__self__", target), "read", None)):  # a class, or its classmethod
-            reader = build(cfg_evaluator, "evaluator", world="shapes")
-            return str(cfg_evaluator.get("name") or reader.name), reader.read
-    return "ensemble", EnsembleEvaluator.build(world="shapes").read
-
 
 def concept_present(reading: Reading, negative: str) -> tuple[bool | None, np.ndarray | None]:
     """The rule every study uses for "the negative's concept is in the image": True / False, or

@@ -7,6 +7,8 @@ of any model served through ``openai.OpenAI`` (OpenAI itself, or a local vLLM / 
 - ``objects``: the prominent objects of an image, named only from a label set (COCO's 80 classes,
   the shapes world's 5, or a file). Answer ``{"objects": [label, ...]}``.
 - ``present``: is object ``name`` in the image? Answer ``{"present": true | false}``.
+- ``attribute``: does the whole image have the property ``name`` ("blurry", "unpleasant")? Answer
+  ``{"present": true | false}`` (``present(..., kind="attribute")``).
 - ``closer``: given the original and two edits A and B of it, which edit looks more like the
   original (the paper's preference question)? Answer ``{"closer": "a" | "b"}``.
 - ``background_rating``: how well does an edit keep the original's background and everything but
@@ -77,8 +79,9 @@ log = logging.getLogger(__name__)
 PROMPT_VERSION = "1"  # part of every cache key: bump it when a prompt or a schema changes
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 PLACEHOLDER_KEY = "not-needed"  # local servers (vLLM, ollama) accept any key, the client wants one
-TASKS = ("objects", "present", "closer", "background_rating", "present_paper", "closer_paper")
+TASKS = ("objects", "present", "attribute", "closer", "background_rating", "present_paper", "closer_paper")
 PAPER_TASKS = {"present_paper": "present", "closer_paper": "closer"}  # the author's free-text questions -> answer kind
+ANSWER_FORMS = {**PAPER_TASKS, "attribute": "present"}  # tasks answered in another task's form
 DETAILS = ("low", "high", "auto")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MALFORMED_ATTEMPTS = 2  # a malformed answer is asked once more, then recorded as missing
@@ -133,6 +136,13 @@ def _question(task: str, labels: tuple[str, ...]) -> tuple[list[str], dict]:
             f'actually visible, not merely suggested. Answer {{"present": true}} or {{"present": false}}. {strict}'
         )
         return [text], {"present": {"type": "boolean"}}
+    if task == "attribute":
+        text = (
+            f"Does this image as a whole look {json.dumps(labels[0], ensure_ascii=False)}? This is a property of the "
+            "whole picture (its quality, style or mood), not an object in it. Count it only if it clearly applies. "
+            f'Answer {{"present": true}} or {{"present": false}}. {strict}'
+        )
+        return [text], {"present": {"type": "boolean"}}
     if task == "closer":
         text = (
             "The first image is an original. Images A and B are two edits of it, each meant to remove one "
@@ -184,14 +194,14 @@ def _strip_fence(text: str) -> str:
     return body.strip("`").removeprefix("json").strip() if body.startswith("```") else body
 
 
-ANSWER_KEYS = {"objects": "objects", "present": "present", "closer": "closer", "background_rating": "rating",
-               "present_paper": "present", "closer_paper": "closer"}
+ANSWER_KEYS = {"objects": "objects", "present": "present", "attribute": "present", "closer": "closer",
+               "background_rating": "rating", "present_paper": "present", "closer_paper": "closer"}
 
 
 def validate_answer(task: str, obj: Any, labels: Sequence[str] = ()) -> Any:
     """Check a parsed JSON answer against the task (see :func:`parse_answer`)."""
     key = ANSWER_KEYS[task]
-    task = PAPER_TASKS.get(task, task)  # a cached answer of the author's question has the same form
+    task = ANSWER_FORMS.get(task, task)  # a cached answer of the author's question (or an attribute's) has this form
     if not isinstance(obj, dict) or set(obj) != {key}:
         raise InvalidAnswer(f"expected a JSON object with the single key {key!r}")
     value = obj[key]
@@ -328,6 +338,7 @@ class JudgeEvaluator:
 
     name = "judge"
     locates = False
+    kinds = ("object", "attribute")
 
     def __init__(
         self,
@@ -403,9 +414,11 @@ class JudgeEvaluator:
         labels = tuple(labels) if labels is not None else self.labels
         return self._answers([_Request("objects", (im,), labels) for im in images])
 
-    def present(self, images: np.ndarray, names: Sequence[str]) -> list[bool | None]:
-        """Whether object ``names[i]`` is in ``images[i]`` (None = no valid answer)."""
-        return self._answers([_Request("present", (im,), (str(n),)) for im, n in zip(images, names, strict=True)])
+    def present(self, images: np.ndarray, names: Sequence[str], kind: str = "object") -> list[bool | None]:
+        """Whether object ``names[i]`` (or, with ``kind="attribute"``, the property ``names[i]`` of the
+        whole image) is in ``images[i]`` (None = no valid answer)."""
+        task = "attribute" if kind == "attribute" else "present"
+        return self._answers([_Request(task, (im,), (str(n),)) for im, n in zip(images, names, strict=True)])
 
     def closer(self, originals: np.ndarray, a: np.ndarray, b: np.ndarray) -> list[str | None]:
         """Which edit, "a" or "b", looks more like its original (None = no valid answer)."""

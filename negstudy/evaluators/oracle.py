@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from negstudy.evaluators.ensemble import oracle_readings, reading_row
+from negstudy.evaluators.ensemble import UNSURE, oracle_readings, reading_row
 from negstudy.shapes import oracle
 
 
 class OracleEvaluator:
     name = "oracle"
     locates = True
+    kinds = ("object", "attribute")
 
     def __init__(self, *, world: str | None = "shapes"):
         from negstudy.evaluators import shapes_world_only
 
-        shapes_world_only("oracle", world, "evaluator=none")
+        shapes_world_only("oracle", world, "evaluator=owl, clip, judge or none")
 
     def read(self, images) -> list:
         """The oracle's readings (negstudy.evaluators.ensemble.Reading): the studies' reader on request."""
@@ -31,8 +32,10 @@ class OracleEvaluator:
         """Surely present objects (restricted to ``labels`` when given), each with its pixel mask."""
         return [{o: m for o, m in v.objects.items() if labels is None or o in labels} for v in oracle.inspect_batch(images)]
 
-    def present(self, images, names) -> list[bool | None]:
-        """True / False, None where the oracle is unsure."""
+    def present(self, images, names, kind: str = "object") -> list[bool | None]:
+        """True / False, None where the oracle is unsure (attributes: the image's attribute is ``name``)."""
+        if kind == "attribute":
+            return [None if r.attribute == UNSURE else r.attribute == name for r, name in zip(oracle_readings(images), names)]
         return [v.decision(name) for v, name in zip(oracle.inspect_batch(images), names)]
 
     def evaluate(self, images, items) -> list[dict]:

@@ -71,6 +71,7 @@ def box_mask(boxes: Sequence[tuple[float, float, float, float]], height: int, wi
 class OwlEvaluator:
     name = "owl"
     locates = True
+    kinds = ("object",)
 
     def __init__(self, model, processor, labels: Sequence[str], threshold: float = 0.3, batch_size: int = 4,
                  device: torch.device | str = "cpu"):
@@ -115,8 +116,11 @@ class OwlEvaluator:
         return [{label: box_mask([d.box for d in found if d.label == label], h, w) for label in _by_score(found)}
                 for found in self.detect(images, [labels] * len(images))]
 
-    def present(self, images: np.ndarray, names: Sequence[str]) -> list[bool]:
-        """Whether object ``names[i]`` is detected in image ``i`` (its query alone, above threshold)."""
+    def present(self, images: np.ndarray, names: Sequence[str], kind: str = "object") -> list[bool | None]:
+        """Whether object ``names[i]`` is detected in image ``i`` (its query alone, above threshold);
+        None for attributes (a detector finds things, not properties of the whole image)."""
+        if kind != "object":
+            return [None for _ in names]
         return [bool(found) for found in self.detect(images, [[name] for name in names])]
 
     def evaluate(self, images: np.ndarray, items) -> list[dict]:

@@ -13,8 +13,8 @@ A study module exports
 - ``run(cfg, sampler, out_dir, **prepared) -> dict[str, DataFrame]``: the job; writes its tables
   as ``out_dir/<table>.parquet`` and returns them;
 - ``prepare(cfg, world) -> dict`` (optional): before the model loads, checks that need the model's
-  world and objects built early (the evaluator); the dict becomes ``run``'s keyword arguments.
-  :func:`shapes_only` is the common one;
+  world and objects built early (the study's reader, :func:`reader_for`); the dict becomes
+  ``run``'s keyword arguments;
 - ``check(cfg)`` (optional): config checks without a model, run by :func:`negstudy.checks.validate`;
 - ``REPORT`` (optional): a :class:`StudyReport`, how ``negstudy.report`` pools, summarises, draws
   and prints its tables, and what the job logs to W&B.
@@ -63,12 +63,30 @@ class StudyReport:
     track: Callable[..., None] | None = None
 
 
-def shapes_only(cfg, world: str | None) -> dict:
-    """``prepare`` of a study whose reader is the shapes oracle: other models are refused before loading."""
-    if world != "shapes":
-        raise ConfigError(f"sweep.name={cfg.sweep.name!r} reads images with the shapes oracle; model.path={cfg.model.path!r} "
-                          "is not a shapes-world model (use model=shapes)")
-    return {}
+def reader_for(cfg, world: str | None):
+    """The study's reader (:func:`negstudy.evaluators.reader.study_reader`), built and checked before the
+    model loads; None for ``evaluator=none``."""
+    from negstudy.evaluators.reader import study_reader
+
+    return study_reader(cfg.get("evaluator"), world)
+
+
+LIMITS_TABLE = "reader_limits"  # every study's: what its reader could not measure (the report lists it once)
+
+
+def note_limits(out_dir, study: str, reader, needs: dict[str, str], categories=("object", "attribute")) -> list[str]:
+    """Log once, and write ``reader_limits.parquet``, what ``study`` leaves out with ``reader``
+    (:func:`negstudy.evaluators.reader.capabilities`). Returns the lines."""
+    import pandas as pd
+
+    from negstudy.evaluators.reader import capabilities
+    from negstudy.records import write_table
+
+    lines = capabilities(reader, needs, list(categories))
+    frame = pd.DataFrame({"study": [study] * len(lines), "reader": [reader.name if reader else "none"] * len(lines),
+                          "left_out": lines}, columns=["study", "reader", "left_out"])
+    write_table(frame, Path(out_dir) / f"{LIMITS_TABLE}.parquet")
+    return lines
 
 
 def module_of(node) -> ModuleType:
@@ -127,27 +145,31 @@ class Screened:
     """One screened (prompt, negative, seed): the image WITHOUT the negative and what the reader says."""
 
     image: Any  # uint8 (H, W, 3)
-    reading: Any  # the study reader's reading (negstudy.evaluators.ensemble.Reading)
     present: bool | None  # the negative's concept appears (None: the reader is unsure; counted, never guessed)
-    region: Any  # bool (H, W) region of the concept where it is an object surely present, else None
+    region: Any  # bool (H, W) region of the concept where it is an object surely present and located, else None
+    word_region: Any = None  # bool (H, W) region of the asked word's object (the prompt's own), else None
 
 
-def screen_without_negative(sampler, read, prompts, negatives, seeds, chunk: int, hooks=None, desc: str = "screen (no negative)") -> list[Screened]:
+def screen_without_negative(sampler, reader, prompts, negatives, categories, seeds, chunk: int, hooks=None,
+                            words=None, desc: str = "screen (no negative)") -> list[Screened]:
     """Seed screening, written once for every study: does the negative's concept appear WITHOUT the
     negative? Each (prompt, negative, seed) is generated under the ``never`` schedule (plain CFG with
-    the empty prompt; the negative is not used), read by ``read`` (images -> readings) and judged
-    by :func:`negstudy.evaluators.ensemble.concept_present`. ``chunk`` images per sampler call (and
-    per read); ``hooks(start, n)`` gives the hooks of the call that makes items start..start+n-1
+    the empty prompt; the negative is not used) and read by ``reader``
+    (:class:`negstudy.evaluators.reader.StudyReader`; None: nothing is read, every ``present`` is
+    None). ``categories``: object | attribute per item; ``words``: per item, a word whose object's
+    region is wanted too (the prompt's own object). ``chunk`` images per sampler call (and per
+    read); ``hooks(start, n)`` gives the hooks of the call that makes items start..start+n-1
     (e.g. :class:`negstudy.sampler.KeepStates`). Returns one :class:`Screened` per item, in order."""
     from tqdm.auto import tqdm
 
-    from negstudy.evaluators.ensemble import concept_present
+    from negstudy.evaluators.reader import Look
     from negstudy.records import to_uint8
     from negstudy.sampler import Batch
     from negstudy.schedules import Never
 
     never = Never().plan(sampler.n_calls)
     prompts, negatives, seeds = list(prompts), list(negatives), [int(s) for s in seeds]
+    categories, words = list(categories), (list(words) if words is not None else None)
     chunk = max(1, int(chunk))
     found = []
     with tqdm(total=len(prompts), desc=desc, unit="img", leave=False) as bar:
@@ -155,9 +177,8 @@ def screen_without_negative(sampler, read, prompts, negatives, seeds, chunk: int
             part = slice(start, start + chunk)
             batch = Batch(prompts[part], negatives[part], seeds[part], [never] * len(seeds[part]))
             images = to_uint8(sampler.generate(batch, hooks(start, len(seeds[part])) if hooks else ()))
-            for image, reading, negative in zip(images, read(images), negatives[part]):
-                present, region = concept_present(reading, negative)
-                found.append(Screened(image, reading, present, region))
+            looks = (reader.look(images, negatives[part], categories[part], words[part] if words else None)
+                     if reader is not None else [Look(None)] * len(images))
+            found += [Screened(image, look.present, look.region, look.word_region) for image, look in zip(images, looks)]
             bar.update(len(images))
     return found
-

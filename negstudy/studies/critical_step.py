@@ -1,12 +1,18 @@
 """The critical-step study (PAPER.md section 3): when does a negative prompt start to act?
 
-Per prompt pair (object or attribute negative):
-1. screen: seeds ``0..sweep.screen_seeds-1`` without the negative; the study's reader
-   (:func:`negstudy.evaluators.ensemble.study_reader`, the validated ensemble by default) says in
-   which the negative's concept (an object the caption does not name, or a global attribute)
-   appears; seeds where it is unsure are counted (``screen.unsure``) and never swept. The
-   screened image is the plain image (k = n_calls) of the sweep, and its trajectory's state
-   (x_t and the scheduler's past predictions) is kept at every delayed start step;
+Per prompt pair (object or attribute negative), on any model, read by any evaluator
+(:mod:`negstudy.evaluators.reader`):
+
+1. screen (``sweep.screen=true``, negstudy's protocol, the default): seeds
+   ``0..sweep.screen_seeds-1`` without the negative; the study's reader says in which the
+   negative's concept (an object the caption does not name, or a global attribute) appears; seeds
+   where it is unsure are counted (``screen.unsure``) and never swept. The screened image is the
+   plain image (k = n_calls) of the sweep, and its trajectory's state (x_t and the scheduler's past
+   predictions) is kept at every delayed start step.
+   ``sweep.screen=false`` is the paper's protocol: every seed of ``seeds`` (the paper: 10 fixed
+   seeds) of every pair is swept, drawn or not; with ``evaluator=none`` nothing is read and only
+   the strength ratio (Figure 3) and its critical step are measured (no plain image, no delayed
+   start: their only use is the removal table, which needs a reader);
 2. sweep: for up to ``sweep.max_seeds`` seeds where it appears (padded with other seeds, up to
    ``sweep.min_seeds``, for the attention curves only), the delayed negative from every start step
    k = stride, 2 stride, ... CONTINUES the screened trajectory from step k (the prefix is not
@@ -18,8 +24,11 @@ Per prompt pair (object or attribute negative):
 3. tables: ``removal.parquet`` (pair, seed, start step, concept still present), ``ratio.parquet``
    (pair, seed, step, variant, ratio), ``attention.parquet`` (pair, seed, step, the negative word's
    mass in the concept's region in the negative branch, and the positive word's mass in ITS object's
-   region in the positive branch, where the prompt's first object is surely present);
-   the report (:mod:`negstudy.report`) turns them into critical steps with confidence intervals.
+   region in the positive branch, where the prompt's first object is surely present; regions are
+   pooled onto the attention grid (latents), so SD's 64x64 maps meet a 512x512 detector box);
+   ``reader_limits.parquet`` says what the reader could not measure (no region from CLIP or the
+   judge: no attention table and no PSNR outside the object; OWLv2 judges no attribute). The
+   report (:mod:`negstudy.report`) turns them into critical steps with confidence intervals.
 """
 
 from __future__ import annotations
@@ -32,14 +41,14 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from negstudy.attention import AttentionRecorder, mass_in_mask
+from negstudy.attention import AttentionRecorder, mask_on_grid, mass_in_mask
 from negstudy.datasets import pairs_of
 from negstudy.figures import positive_word_of, save_word_maps
 from negstudy.records import save_png, slug, to_uint8, write_table
-from negstudy.studies import StudyReport, Summary, screen_without_negative, shapes_only
+from negstudy.studies import StudyReport, Summary, note_limits, reader_for, screen_without_negative
 from negstudy.sampler import Batch, KeepStates, NegativeSampler
 from negstudy.schedules import FromStep
-from negstudy.evaluators.ensemble import concept_present, study_reader
+from negstudy.evaluators.reader import require_reader
 from negstudy.shapes.quality import psnr_outside
 
 log = logging.getLogger("negstudy")
@@ -50,23 +59,46 @@ def _chunks(items: list, size: int):
         yield items[i : i + size]
 
 
-def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, pd.DataFrame]:
+NEEDS = {"presence": "the seed screen and removal against the start step",
+         "regions": "the attention lag (the words' mass on their objects) and PSNR outside the object",
+         "attributes": "attribute pairs under the screened protocol (sweep.screen=false sweeps them unread)"}
+
+
+def prepare(cfg: DictConfig, world: str | None) -> dict:
+    """The reader, built before the model loads; the screened protocol needs one (``evaluator=none``
+    runs with ``sweep.screen=false``, the paper's protocol)."""
+    reader = reader_for(cfg, world)
+    if cfg.sweep.get("screen", True):
+        require_reader(cfg, reader, "screen seeds where the concept appears (or sweep.screen=false: the paper's "
+                                    "protocol, every seed, the ratio needs no reader)")
+    return {"reader": reader}
+
+
+def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, reader=None) -> dict[str, pd.DataFrame]:
     sw = cfg.sweep
     n = sampler.n_calls
+    screen_on = bool(sw.get("screen", True))
     starts = list(range(0, n, sw.stride)) + [n]  # k = n: the negative never applies
-    delayed = [k for k in starts if 0 < k < n]  # continued from the screened trajectory at step k
     pairs = pairs_of(cfg.dataset)
-    screen_seeds = list(range(sw.screen_seeds))
+    categories = [p.category for p in pairs]
+    if screen_on:
+        require_reader(cfg, reader, "screen seeds (or sweep.screen=false)")
+    note_limits(out_dir, "critical_step", reader, NEEDS, categories)
+    if reader is None:
+        starts = [0]  # the paper's protocol without a reader: ordinary negative prompting, attention recorded
+    delayed = [k for k in starts if 0 < k < n]  # continued from the screened trajectory at step k
+    seeds = list(range(sw.screen_seeds)) if screen_on else [int(s) for s in cfg.seeds]
     maps_kind = OmegaConf.select(cfg, "attention.maps", default="negstudy")  # daam: the author's maps as well
-    reader_name, read = study_reader(cfg.get("evaluator"))
+    reader_name = reader.name if reader is not None else "none"
     name = lambda p, seed: f"{p:02d}_{slug(pairs[p].prompt)}_neg-{slug(pairs[p].negative, 20)}_s{seed}"
 
     # 1. screen: which seeds show the concept without the negative. Each screened image is the
     #    plain image (k = n) of its sweep, and its trajectory's state at every delayed start is kept,
-    #    so the sweep recomputes no prefix (same images as fresh runs: tests/test_prefix_reuse.py)
-    found: dict[int, list[tuple[int, bool]]] = {p: [] for p in range(len(pairs))}
-    plain, states, positive_region = {}, {}, {}
-    items = [(p, seed) for p in range(len(pairs)) for seed in screen_seeds]
+    #    so the sweep recomputes no prefix (same images as fresh runs: tests/test_prefix_reuse.py).
+    #    Without a reader nothing is screened: every seed is swept at k = 0 only
+    found: dict[int, list[tuple[int, bool | None]]] = {p: [] for p in range(len(pairs))}
+    plain, states = {}, {}
+    items = [(p, seed) for p in range(len(pairs)) for seed in seeds]
     keeps: dict[int, KeepStates] = {}  # first item of a sampler call -> the states it kept
 
     def keep_states(start: int, count: int) -> list:
@@ -74,19 +106,25 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
         return [keeps[start]]
 
     chunk = max(1, cfg.batch_size)
-    results = screen_without_negative(sampler, read, [pairs[p].prompt for p, _ in items],
-                                      [pairs[p].negative for p, _ in items], [seed for _, seed in items], chunk, keep_states)
+    if reader is not None:
+        results = screen_without_negative(sampler, reader, [pairs[p].prompt for p, _ in items],
+                                          [pairs[p].negative for p, _ in items], [categories[p] for p, _ in items],
+                                          [seed for _, seed in items], chunk, keep_states,
+                                          words=[positive_word_of(pairs[p].prompt) for p, _ in items])
+    else:
+        results = [None] * len(items)
     for i, ((p, seed), s) in enumerate(zip(items, results)):
-        word = positive_word_of(pairs[p].prompt)  # its own region: Figures 1/4 compare the two words' arrival
-        positive_region[(p, seed)] = s.reading.masks.get(word) if s.reading.objects.get(word) else None
-        found[p].append((seed, s.present))
-        plain[(p, seed)] = (s.image, s.present, s.region)
-        states[(p, seed)] = keeps[i - i % chunk].states.get(i % chunk, {})
+        found[p].append((seed, s.present if s is not None else None))
+        plain[(p, seed)] = (s.image, s.present, s.region, s.word_region) if s is not None else (None, None, None, None)
+        states[(p, seed)] = keeps[i - i % chunk].states.get(i % chunk, {}) if s is not None else {}
     screened = {}
-    for p, seeds in found.items():
-        present = [s for s, ok in seeds if ok][: sw.max_seeds]
-        padding = [s for s, ok in seeds if ok is False][: max(0, sw.min_seeds - len(present))]
-        screened[p] = (present, padding, sum(ok is True for _, ok in seeds), sum(ok is None for _, ok in seeds))
+    for p, pair_seeds in found.items():
+        if screen_on:
+            present = [s for s, ok in pair_seeds if ok][: sw.max_seeds]
+            padding = [s for s, ok in pair_seeds if ok is False][: max(0, sw.min_seeds - len(present))]
+        else:  # the paper's protocol: every seed, drawn or not
+            present, padding = [s for s, _ in pair_seeds], []
+        screened[p] = (present, padding, sum(ok is True for _, ok in pair_seeds), sum(ok is None for _, ok in pair_seeds))
     jobs = [(p, seed) for p in screened for seed in screened[p][0] + screened[p][1]]
     states = {key: states[key] for key in jobs}  # the other screened images' snapshots are freed
     plain = {key: plain[key] for key in jobs}
@@ -94,10 +132,11 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     # 2. the start-step sweep. k = 0 (ordinary negative prompting) with cross-attention recorded in
     #    both branches, batched over (pair, seed); each delayed start k continues the screened
     #    trajectories from step k, one batch per k; k = n is the screened image itself
-    images_of: dict[tuple[int, int], dict[int, np.ndarray]] = {key: {n: plain[key][0]} for key in jobs}
+    images_of: dict[tuple[int, int], dict[int, np.ndarray]] = {key: {n: plain[key][0]} for key in jobs if plain[key][0] is not None}
+    images_of.update({key: {} for key in jobs if key not in images_of})
     ratio_rows: dict[tuple[int, int], list[dict]] = {}
     attention_rows: dict[tuple[int, int], list[dict]] = {}
-    bar = tqdm(total=len(jobs) * (len(starts) - 1), desc="start-step sweep", unit="img")
+    bar = tqdm(total=len(jobs) * max(1, len(starts) - 1), desc="start-step sweep", unit="img")
     for part in _chunks(jobs, cfg.batch_size):
         words = sorted({w for p, _ in part for w in (pairs[p].negative, positive_word_of(pairs[p].prompt))})
         recorder = AttentionRecorder(sampler.unet, layers=sw.layers, words=words, maps=maps_kind)
@@ -106,30 +145,33 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
         images = to_uint8(sampler.generate(batch, [recorder]))
         strength = pd.concat([recorder.strength(v).assign(variant=v) for v in recorder.variants()])
         for j, (p, seed) in enumerate(part):
-            pair, (_, plain_present, region) = pairs[p], plain[(p, seed)]
+            pair, (_, plain_present, region, pos_region) = pairs[p], plain[(p, seed)]
             images_of[(p, seed)][0] = images[j]
+            grid = mask_on_grid(region, recorder.size) if region is not None else None  # pixels -> the maps' grid
             if cfg.save_images:
-                save_word_maps(recorder, j, pair.prompt, pair.negative, region,  # the report's attention grids
+                save_word_maps(recorder, j, pair.prompt, pair.negative, grid,  # the report's attention grids
                                out_dir / "maps" / f"{name(p, seed)}.npz")
             ratio_rows[(p, seed)] = [
                 {"pair": p, "negative": pair.negative, "category": pair.category, "seed": seed,
                  "present_without_negative": plain_present, "step": row.step, "variant": row.variant, "ratio": row.ratio}
                 for row in strength[strength.image == j].itertuples()]
             rows = attention_rows[(p, seed)] = []
-            if region is not None:
+            if grid is not None and grid.any():
                 maps = recorder.maps(j, "negative", pair.negative).float().numpy()
-                word, pos_region = positive_word_of(pair.prompt), positive_region.get((p, seed))
-                pos_maps = recorder.maps(j, "positive", word).float().numpy() if pos_region is not None else None
+                word = positive_word_of(pair.prompt)
+                pos_grid = mask_on_grid(pos_region, recorder.size) if pos_region is not None else None
+                pos_grid = pos_grid if pos_grid is not None and pos_grid.any() else None
+                pos_maps = recorder.maps(j, "positive", word).float().numpy() if pos_grid is not None else None
                 for step, heat in enumerate(maps):
                     rows.append({"pair": p, "negative": pair.negative, "category": pair.category, "seed": seed,
-                                 "step": step, "mass_in_region": mass_in_mask(heat, region),
-                                 "region_fraction": float(region.mean()), "positive_word": word,
-                                 "positive_mass_in_region": mass_in_mask(pos_maps[step], pos_region) if pos_maps is not None else np.nan,
-                                 "positive_region_fraction": float(pos_region.mean()) if pos_region is not None else np.nan})
+                                 "step": step, "mass_in_region": mass_in_mask(heat, grid),
+                                 "region_fraction": float(grid.mean()), "positive_word": word,
+                                 "positive_mass_in_region": mass_in_mask(pos_maps[step], pos_grid) if pos_grid is not None else np.nan,
+                                 "positive_region_fraction": float(pos_grid.mean()) if pos_grid is not None else np.nan})
                 if maps_kind == "daam":  # the author's maps beside negstudy's (negstudy.attention)
                     daam = recorder.maps(j, "negative", pair.negative, kind="daam").float().numpy()
                     for row, heat in zip(rows, daam):
-                        row["mass_in_region_daam"] = mass_in_mask(heat, region)
+                        row["mass_in_region_daam"] = mass_in_mask(heat, grid)
         bar.update(len(part))
     for k in delayed:
         plan = FromStep(k).plan(n)
@@ -144,32 +186,31 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     # 3. tables, per (pair, seed) in the screen's order
     removal, ratios, attention = [], [], []
     for p, seed in jobs:
-        pair, (_, plain_present, region) = pairs[p], plain[(p, seed)]
+        pair, (_, plain_present, region, _) = pairs[p], plain[(p, seed)]
         images = np.stack([images_of[(p, seed)][k] for k in starts])
-        for k, image, reading in zip(starts, images, read(images)):
-            still, _ = concept_present(reading, pair.negative)
-            removal.append({
-                "pair": p, "prompt": pair.prompt, "negative": pair.negative, "category": pair.category, "seed": seed,
-                "present_without_negative": plain_present, "start_step": k, "concept_present": still,
-                "psnr_outside": psnr_outside(images[-1], image, region) if region is not None else np.nan,
-            })
+        if reader is not None:
+            looks = reader.look(images, [pair.negative] * len(starts), [pair.category] * len(starts))
+            for k, image, look in zip(starts, images, looks):
+                removal.append({
+                    "pair": p, "prompt": pair.prompt, "negative": pair.negative, "category": pair.category, "seed": seed,
+                    "present_without_negative": plain_present, "start_step": k, "concept_present": look.present,
+                    "psnr_outside": psnr_outside(images[-1], image, region) if region is not None else np.nan,
+                })
         if cfg.save_images:
             save_png(np.concatenate(list(images), axis=1), out_dir / "strips" / f"{name(p, seed)}.png",
                      {"prompt": pair.prompt, "negative": pair.negative, "seed": seed, "start_steps": starts})
         ratios += ratio_rows[(p, seed)]
         attention += attention_rows[(p, seed)]
     screen = pd.DataFrame([{"pair": p, "prompt": pairs[p].prompt, "negative": pairs[p].negative,
-                            "category": pairs[p].category, "screened": len(screen_seeds), "present": screened[p][2],
-                            "unsure": screened[p][3], "reader": reader_name}
+                            "category": pairs[p].category, "screened": len(seeds) if reader is not None else 0,
+                            "present": screened[p][2], "unsure": screened[p][3] if reader is not None else 0,
+                            "reader": reader_name, "protocol": "screened" if screen_on else "paper"}
                            for p in screened])
     tables = {"screen": screen, "removal": pd.DataFrame(removal), "ratio": pd.DataFrame(ratios),
               "attention": pd.DataFrame(attention)}
     for name, frame in tables.items():
         write_table(frame, out_dir / f"{name}.parquet")
     return tables
-
-
-prepare = shapes_only  # the study's reader is the shapes oracle (ensemble)
 
 
 def summarise(tables: dict[str, pd.DataFrame], out: Path, variant: str) -> Summary:

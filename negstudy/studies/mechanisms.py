@@ -23,8 +23,11 @@ one batch, the negative at every step (``always``) and never (``never``) from th
   under both schedules.
 - neutralization (:func:`neutralization`): ``cos(eps_pos - eps_empty, eps_neg - eps_empty)``
   restricted to the entries (3 or 4 channels x pixels) inside the negative's object region, and to
-  those outside it. The region is the study reader's (oracle's) mask of the object in the image generated WITHOUT
-  the negative (same seed), at the latent grid (pixel-space: the mask itself).
+  those outside it. The region is the study reader's (:mod:`negstudy.evaluators.reader`: the shapes
+  oracle's mask, or a detector's boxes) region of the object in the image generated WITHOUT the
+  negative (same seed), pooled onto the latent grid (pixel-space: the mask itself). A reader that
+  does not locate (CLIP, a judge) leaves neutralization out; ``evaluator=none`` also leaves out the
+  energy barrier, whose object and background images must be confirmed by a reader.
 - energy barrier (:func:`energy_barrier`, Figure 5): a background image z_bg and an object image
   z_obj, mixed ``z = theta z_bg + (1 - theta) z_obj``, noised at a fixed step's timestep t with
   several noise draws eps, and scored by the denoising error conditional on the positive prompt::
@@ -91,14 +94,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from negstudy.attention import mask_on_grid
 from negstudy.critical import HIT_LIFT
 from negstudy.datasets import pairs_of
 from negstudy.records import to_uint8, write_table
 from negstudy.sampler import Batch, Hook, NegativeSampler, StepState
 from negstudy.schedules import Always, Never
 from negstudy.shapes import world
-from negstudy.evaluators.ensemble import concept_present, study_reader
-from negstudy.studies import screen_without_negative, shapes_only
+from negstudy.studies import note_limits, reader_for, screen_without_negative
 from negstudy.tables import summarize  # noqa: F401 - the curves' means and bands, importable from here as before
 
 log = logging.getLogger("negstudy")
@@ -168,13 +171,8 @@ def masked_cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch
 
 
 def region_at(mask, size: tuple[int, int]) -> torch.Tensor:
-    """A bool (H, W) image-space region on the latent grid ``size``: a latent cell is in the region if
-    at least half of the pixels it covers are (area pooling); the identity for pixel-space models."""
-    m = torch.as_tensor(np.asarray(mask)).bool()
-    if tuple(m.shape) == tuple(size):
-        return m
-    pooled = F.interpolate(m[None, None].float(), size=tuple(size), mode="area")[0, 0]
-    return pooled >= 0.5
+    """:func:`negstudy.attention.mask_on_grid` as a bool tensor (the recorder works on tensors)."""
+    return torch.as_tensor(mask_on_grid(mask, size))
 
 
 # ----------------------------------------------------------------------------- the hook
@@ -438,8 +436,11 @@ def paper_energy_barrier(sampler: NegativeSampler, z_bg: torch.Tensor, z_obj: to
 
 
 def naming_prompt(prompt: str, negative: str) -> str:
-    """The shapes caption of ``prompt`` that also names the negative's objects ("a ball and a sun on the grass")."""
+    """The shapes caption of ``prompt`` that also names the negative's objects ("a ball and a sun on the grass");
+    on other prompts, the prompt "with" the negative ("a woman in an office, with glasses")."""
     spec, extra = world.parse_caption(prompt), world.parse_caption(negative).objects
+    if not extra:
+        return f"{prompt}, with {negative}"
     objects = tuple(dict.fromkeys(spec.objects + extra))
     if spec.background is None:
         return f"{prompt} and " + " and ".join(f"a {o}" for o in extra)
@@ -458,13 +459,16 @@ def _generate(sampler: NegativeSampler, prompts: list[str], seeds: list[int], ch
     return np.concatenate(out)
 
 
-def _object_region(reading, negative: str) -> tuple[bool, np.ndarray | None]:
-    """Whether the negative's object(s) are surely in the image and their region; (False, None) for
-    attribute negatives and where the reader is unsure (an unconfirmed region is no region)."""
-    if not world.parse_caption(negative).objects:
+def _object_region(look, category: str) -> tuple[bool, np.ndarray | None]:
+    """Whether the negative's object is surely in the image, and its region where the reader locates it;
+    (False, None) for attribute negatives and where the reader is unsure (an unconfirmed object is none)."""
+    if category != "object" or look.present is not True:
         return False, None
-    present, region = concept_present(reading, negative)
-    return (True, region) if present and region is not None else (False, None)
+    return True, look.region
+
+
+NEEDS = {"presence": "the energy barrier (it needs an object image and a background image, each confirmed by the reader)",
+         "regions": "neutralization inside vs outside the object's region and the attention grid"}
 
 
 def _setting(cfg: DictConfig, key: str, default):
@@ -472,10 +476,12 @@ def _setting(cfg: DictConfig, key: str, default):
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
-prepare = shapes_only  # the regions come from the shapes oracle
+def prepare(cfg: DictConfig, world: str | None) -> dict:
+    """Any model; inducing and momentum need no reader, the rest what :data:`NEEDS` says."""
+    return {"reader": reader_for(cfg, world)}
 
 
-def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, pd.DataFrame]:
+def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, reader=None) -> dict[str, pd.DataFrame]:
     """The four mechanism tables and their figures for ``cfg.dataset`` pairs x ``cfg.seeds``.
 
     Optional settings under ``cfg.mechanisms`` (defaults: the module constants): thetas,
@@ -510,15 +516,19 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     chunk = max(1, int(cfg.get("batch_size", 16)) // 2)
     pairs = pairs_of(cfg.dataset)
     plain = with_branches(sampler, False)
-    _, read = study_reader(cfg.get("evaluator"))
+    note_limits(out_dir, "mechanisms", reader, NEEDS, ("object",))
+    look = reader.look if reader is not None else None
 
     # 1. without the negative: the object's region per (pair, seed), screening extra seeds if asked
     seeds = list(dict.fromkeys(int(s) for s in cfg.seeds))
+    screen_seeds = screen_seeds if reader is not None else 0  # nothing to read: no regions, no energy barrier
     candidates = [(p, s) for p in range(len(pairs)) for s in dict.fromkeys(seeds + list(range(screen_seeds)))]
-    screened = screen_without_negative(plain, read, [pairs[p].prompt for p, _ in candidates],
-                                       [pairs[p].negative for p, _ in candidates], [s for _, s in candidates], 2 * chunk)
-    found = {c: _object_region(s.reading, pairs[c[0]].negative) for c, s in zip(candidates, screened)}
-    image_without = {c: s.image for c, s in zip(candidates, screened)}
+    screened = (screen_without_negative(plain, reader, [pairs[p].prompt for p, _ in candidates],
+                                        [pairs[p].negative for p, _ in candidates], [pairs[p].category for p, _ in candidates],
+                                        [s for _, s in candidates], 2 * chunk)
+                if reader is not None else [None] * len(candidates))  # inducing and momentum need no image read
+    found = {c: _object_region(s, pairs[c[0]].category) if s is not None else (False, None) for c, s in zip(candidates, screened)}
+    image_without = {c: s.image for c, s in zip(candidates, screened) if s is not None}
     items = [(p, s) for p in range(len(pairs)) for s in seeds]
     for p in range(len(pairs)):
         extra = [s for s in range(screen_seeds) if s not in seeds and found[(p, s)][0]][:max_extra]
@@ -543,18 +553,19 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
         always_images.append(to_uint8(images[: len(part)]))
     steps = pd.concat(tables, ignore_index=True)
     always_images = np.concatenate(always_images)
-    removed = [concept_present(r, pairs[p].negative)[0] is False for r, (p, _) in zip(read(always_images), items)]  # surely gone
+    removed = ([v.present is False for v in look(always_images, [pairs[p].negative for p, _ in items],  # surely gone
+                                                   [pairs[p].category for p, _ in items])] if look else [False] * k)
     out = {"inducing": inducing(steps), "momentum": momentum(steps), "neutralization": neutralization(steps)}
     region_fraction = {j: float(r.mean()) for j, r in enumerate(regions) if r is not None}
     out["neutralization"]["region_fraction"] = out["neutralization"].item.map(region_fraction)
 
     # 3. energy barrier: a background and an object image per (pair, seed), confirmed by the reader
-    is_object = [bool(world.parse_caption(pairs[p].negative).objects) for p, _ in items]
-    need_named = [j for j in range(k) if is_object[j] and not without[j][0]]
+    is_object = [pairs[p].category == "object" for p, _ in items]
+    need_named = [j for j in range(k) if is_object[j] and not without[j][0]] if look else []
     named_images = _generate(plain, [naming_prompt(pairs[items[j][0]].prompt, pairs[items[j][0]].negative) for j in need_named],
                              [items[j][1] for j in need_named], 2 * chunk) if need_named else []
-    named_ok = {j: _object_region(v, pairs[items[j][0]].negative)[0]
-                for j, v in zip(need_named, read(named_images) if need_named else [])}
+    named_ok = {j: v.present is True for j, v in zip(need_named, look(named_images, [pairs[items[j][0]].negative for j in need_named],
+                                                                       ["object"] * len(need_named)) if need_named else [])}
     named_image = dict(zip(need_named, named_images))
     chosen = []  # (item, z_bg image, z_obj image, bg source, obj source)
     for j, c in enumerate(items):
@@ -601,7 +612,8 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path) -> dict[str, p
     first = next((j for j, r in enumerate(regions) if r is not None), None)
     if first is not None:
         p, seed = items[first]
-        fig, windows = figures.attention_grid_for(sampler, pairs[p].prompt, pairs[p].negative, seed, window, hit_lift)
+        fig, windows = figures.attention_grid_for(sampler, pairs[p].prompt, pairs[p].negative, seed, window, hit_lift,
+                                                  reader=reader)
         figures.save(fig, out_dir / "attention_grid.png")
         out["attention_windows"] = windows.drop(columns="heat").assign(pair=p, prompt=pairs[p].prompt,
                                                                       negative=pairs[p].negative, seed=seed)

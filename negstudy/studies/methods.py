@@ -36,7 +36,7 @@ from negstudy.config import PromptPair
 from negstudy.datasets import pairs_of
 from negstudy.errors import ConfigError
 from negstudy.records import write_table
-from negstudy.studies import StudyReport, Summary, shapes_only
+from negstudy.studies import StudyReport, Summary
 from negstudy.studies import critical_step, removal
 
 log = logging.getLogger("negstudy")
@@ -75,8 +75,15 @@ def check(cfg: DictConfig) -> None:
 
 
 def prepare(cfg: DictConfig, world: str | None) -> dict:
-    shapes_only(cfg, world)  # the critical-step part reads with the shapes oracle
-    return removal.prepare(cfg, world)
+    """Any model: one evaluator, built before the model loads, reads both parts (the critical-step
+    part through :mod:`negstudy.evaluators.reader`, the removal part through the evaluator)."""
+    from negstudy.evaluators.reader import reader_of, require_reader
+
+    found = removal.prepare(cfg, world)
+    reader = reader_of(found["evaluator"], world, cfg.evaluator.get("name"))
+    if cfg.sweep.get("screen", True):
+        require_reader(cfg, reader, "screen seeds for the start-step question and list objects to remove")
+    return {**found, "reader": reader}
 
 
 def _dataset_node(name: str) -> DictConfig:
@@ -113,7 +120,7 @@ def _removal_cfg(cfg: DictConfig, dataset: str, captions: int, seeds) -> DictCon
 
 def run(cfg: DictConfig, sampler, out_dir: Path, methods=("cfg", "perp_neg", "nag", "dng", "apg", "tcfg"),
         categories=("object",), removal_dataset: str = "shapes_removal", removal_captions: int = 4,
-        removal_seeds=(0, 1, 2, 3, 4, 5), evaluator=None, world: str | None = None) -> dict[str, pd.DataFrame]:
+        removal_seeds=(0, 1, 2, 3, 4, 5), evaluator=None, world: str | None = None, reader=None) -> dict[str, pd.DataFrame]:
     from negstudy.guidance import from_config
 
     out_dir = Path(out_dir)
@@ -137,7 +144,7 @@ def run(cfg: DictConfig, sampler, out_dir: Path, methods=("cfg", "perp_neg", "na
                 if "negative" not in guider.needs(True) and hasattr(guider, "observe_negative"):
                     guider.observe_negative = True  # the strength ratio needs the negative branch's attention
                 log.info("methods: %s (%s)", name, guider.describe())
-                found = critical_step.run(crit_cfg, sampler, work)
+                found = critical_step.run(crit_cfg, sampler, work, reader=reader)
                 found.update(removal.run(rem_cfg, sampler, work, evaluator=evaluator, world=world))
                 for table, frame in found.items():
                     if f"methods_{table}" in tables:

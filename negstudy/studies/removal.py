@@ -198,8 +198,11 @@ def labels_for(cfg: DictConfig, world: str | None) -> tuple[str, ...]:
 
 
 def critical_step(neg_maps: np.ndarray, mask: np.ndarray | None, hit_lift: float) -> int | None:
-    """First step whose map (steps, h, w) puts ``hit_lift`` x the region's share of its mass in ``mask``."""
-    return maps_hit_step(neg_maps, mask, hit_lift)
+    """First step whose map (steps, h, w) puts ``hit_lift`` x the region's share of its mass in ``mask``
+    (an image-space mask, pooled onto the maps' grid: SD's 64x64 latents under a 512x512 box)."""
+    from negstudy.attention import mask_on_grid
+
+    return maps_hit_step(neg_maps, mask_on_grid(mask, neg_maps.shape[1:]) if mask is not None else None, hit_lift)
 
 
 def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, evaluator: Evaluator | None = None,
@@ -472,7 +475,12 @@ def prepare(cfg: DictConfig, world: str | None) -> dict:
     """Any model; the evaluator is built (and checked) before the model loads."""
     from negstudy.targets import build
 
-    return {"evaluator": build(cfg.evaluator, "evaluator", world=world), "world": world}
+    evaluator = build(cfg.evaluator, "evaluator", world=world)
+    if getattr(evaluator, "name", None) == "none":
+        raise ConfigError(f"evaluator=none: sweep.name={cfg.sweep.name!r} needs a reader to list the objects of each "
+                          "original and say whether each edit removed them (allowed: evaluator=owl|clip|judge on any "
+                          "model; ensemble|oracle on model=shapes)")
+    return {"evaluator": evaluator, "world": world}
 
 
 def summarise(tables: dict[str, pd.DataFrame], out: Path, variant: str) -> Summary:
