@@ -55,7 +55,11 @@ def main(argv=None) -> None:
 
     from judge_server import JudgeServer
 
-    dataset = OmegaConf.load(_REPO / "conf" / "dataset" / "shapes_critical.yaml")
+    from negstudy.config import DatasetConfig
+
+    node = OmegaConf.load(_REPO / "conf" / "dataset" / "shapes_critical.yaml")
+    node.pop("defaults", None)
+    dataset = OmegaConf.merge(OmegaConf.structured(DatasetConfig), node)
     pairs = pairs_of(dataset)
     sampler = NegativeSampler(load_pipeline(OmegaConf.structured(ModelConfig(name="shapes", path="builtin:shapes", dtype="fp32")),
                                             pick_device("cpu")), steps=args.steps, guidance_scale=7.5)
@@ -101,7 +105,7 @@ def main(argv=None) -> None:
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     text = (f"{len(pairs)} pairs of shapes_critical x {args.seeds} seeds x (without the negative, negative from step 0) = "
             f"{len(items)} images of the shipped model, {args.steps} PNDM steps, guidance 7.5; generated in {minutes:.1f} min "
-            f"on {cpu} ({os.cpu_count()} cores). Command: `python scripts/reader_vs_ensemble.py --seeds {args.seeds}`.\n\n"
+            f"on {cpu} ({os.cpu_count()} cores). Command: `python scripts/reader_vs_ensemble.py --seeds {args.seeds} --steps {args.steps}`.\n\n"
             + table.to_markdown(index=False) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
