@@ -70,6 +70,30 @@ def test_every_study_on_a_tiny_sd_read_by_clip(tiny_model_dir, tmp_path, monkeyp
     assert removal.psnr_outside.isna().all()  # ... and no PSNR outside the object
 
 
+def test_clip_presence_has_an_unsure_band_and_owl_judges_no_attribute(owl_dir):
+    """The reader's answers on another model: CLIP's "a photo of a X" against "a photo" is unsure within
+    the margin (every answer at a margin larger than any cosine gap, none at 0); OWLv2 locates objects and
+    answers no attribute question."""
+    from omegaconf import OmegaConf
+
+    from negstudy.evaluators.reader import EvaluatorReader, study_reader
+
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    concepts, kinds = ["dog", "ball", "blurry", "ugly"], ["object", "object", "attribute", "attribute"]
+    node = {"_target_": "negstudy.evaluators.clip.ClipEvaluator.build", "name": "clip", "path": "builtin:shapes_clip"}
+    for margin, expect in ((2.0, {None}), (0.0, {True, False})):
+        reader = study_reader(OmegaConf.create({**node, "margin": margin}), None)
+        assert isinstance(reader, EvaluatorReader) and not reader.locates
+        looks = reader.look(images, concepts, kinds)
+        assert {look.present for look in looks} <= expect and all(look.region is None for look in looks)
+    owl = study_reader(OmegaConf.create({"_target_": "negstudy.evaluators.owl.OwlEvaluator.build", "name": "owl",
+                                         "path": str(owl_dir), "local_files_only": True, "threshold": 0.0, "device": "cpu"}), None)
+    looks = owl.look(images, concepts, kinds, words=["ball", "dog", "ball", "dog"])
+    assert [look.present for look in looks] == [True, True, None, None]  # threshold 0: every object query is found
+    assert all(look.region is not None and look.region.shape == (32, 32) for look in looks[:2])
+    assert looks[0].word_region is not None and looks[2].word_region is None  # asked only where the concept is present
+
+
 def test_critical_step_read_by_owl_pools_its_boxes_onto_the_latent_grid(tiny_model_dir, owl_dir, tmp_path, monkeypatch, capsys):
     """OWLv2 locates: at threshold 0 it finds every queried object, whose 32x32 box region meets the tiny
     SD's 16x16 attention maps (pooled by area), so the attention table is measured."""

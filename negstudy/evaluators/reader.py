@@ -42,6 +42,7 @@ class Look:
     present: bool | None  # the concept is in the image (None: unsure, or not judged by this reader)
     region: np.ndarray | None = None  # bool (H, W): where it is, when surely present and the reader locates
     word_region: np.ndarray | None = None  # bool (H, W): the asked word's object, when surely present and located
+    # (a detector is asked only where the concept is present: the attention lag compares the two there)
 
 
 class StudyReader:
@@ -105,7 +106,8 @@ class EvaluatorReader(StudyReader):
                     present[i] = answer
         regions = self._regions(images, [c if p and k == "object" else None
                                          for c, p, k in zip(concepts, present, categories)])
-        own = self._regions(images, list(words)) if words is not None else [None] * len(images)
+        own = (self._regions(images, [w if p else None for w, p in zip(words, present)])  # what the attention lag needs
+               if words is not None else [None] * len(images))
         return [Look(p, r, w) for p, r, w in zip(present, regions, own)]
 
     def _regions(self, images: np.ndarray, names: list[str | None]) -> list[np.ndarray | None]:
