@@ -171,7 +171,7 @@ def save_tiny_sdxl(directory: str | Path, seed: int = 0, *, world: str | None = 
     """Write a tiny SDXL diffusers directory (safetensors) and return its path.
 
     world: a ``negstudy: {world: ...}`` marker in model_index.json ("shapes": the studies then read
-    its 32x32 images with the shapes oracle; the images are noise, for smoke tests of the code path).
+    its 32x32 images with the shapes readers; without it, as any SDXL, with the evaluator named).
     """
     import json
 
