@@ -63,7 +63,8 @@ def plot(df: pd.DataFrame, path: Path, baseline: dict | None = None, title: str 
     if baseline:
         ax.plot([], [], color="grey", ls="--", lw=1, label=baseline.get("label", "baseline"))
     ax.set_xlabel("training minutes (probe time excluded)")
-    ax.set_ylabel(f"rate (oracle, n = {int(df['probe_n'].iloc[0]) if 'probe_n' in df else 128} captions, 95 % Wilson)")
+    n = int(df["caption_exact_n"].iloc[0]) if "caption_exact_n" in df else int(df["probe_n"].iloc[0]) if "probe_n" in df else 128
+    ax.set_ylabel(f"rate (oracle, n = {n} captions, 95 % Wilson)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
