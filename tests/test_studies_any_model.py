@@ -70,6 +70,37 @@ def test_every_study_on_a_tiny_sd_read_by_clip(tiny_model_dir, tmp_path, monkeyp
     assert removal.psnr_outside.isna().all()  # ... and no PSNR outside the object
 
 
+def test_every_study_on_a_tiny_sd_read_by_owl_a_judge_or_nothing(tiny_model_dir, owl_dir, tmp_path, monkeypatch, capsys):
+    """The same overlays read by a tiny OWLv2 (model=sd2_base), by a judge behind a local server
+    (model=sd14), and by nothing (the studies that can do without a reader; the others are refused:
+    test_evaluator_none_...)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPENAI_API_KEY", "not-a-real-key")
+    with JudgeServer() as server:
+        readers = {
+            "owl": ("sd2_base", ["evaluator=owl", f"evaluator.path={owl_dir}", "evaluator.local_files_only=true",
+                                 "evaluator.device=cpu", "removal.max_regenerations=1"]),
+            "judge": ("sd14", ["evaluator=judge", f"evaluator.base_url={server.base_url}", f"evaluator.cache_dir={tmp_path / 'cache'}",
+                               "evaluator.requests_per_minute=60000"]),
+            "none": ("sd15", ["evaluator=none", "sweep.screen=false"]),
+        }
+        for reader, (model, settings) in readers.items():
+            studies = ("critical_step", "attention_maps", "mechanisms") if reader == "none" else tuple(STUDIES)
+            for name in studies:
+                out = tmp_path / reader / name
+                extra = [x for x in STUDIES[name] if not (name == "methods" and x.startswith("sweep.study.methods"))]
+                if name == "methods":
+                    extra.append("sweep.study.methods=[cfg]")
+                run_app(monkeypatch, capsys, [f"+sweep={name}", *common(model, tiny_model_dir, out), *settings, *extra])
+                assert (out / "report" / "report.html").exists(), (reader, name)
+                assert len(pd.read_parquet(out / WRITES[name].replace("/nag/", "/cfg/"))), (reader, name)
+                assert f"  name: {model}\n" in (out / "config.yaml").read_text(), (reader, name)
+    assert set(pd.read_parquet(tmp_path / "judge" / "reverse_activation" / "reverse_screen.parquet").reader) == {"judge"}
+    mech = tmp_path / "none" / "mechanisms"
+    assert (mech / "momentum.parquet").exists() and pd.read_parquet(mech / "energy.parquet").empty  # no reader: no barrier
+    assert any("energy barrier" in line for line in pd.read_parquet(mech / "reader_limits.parquet").left_out)
+
+
 def test_clip_presence_has_an_unsure_band_and_owl_judges_no_attribute(owl_dir):
     """The reader's answers on another model: CLIP's "a photo of a X" against "a photo" is unsure within
     the margin (every answer at a margin larger than any cosine gap, none at 0); OWLv2 locates objects and
