@@ -96,10 +96,12 @@ def collect(directories: list[Path], variant: str = sc.DEFAULT_VARIANT) -> tuple
     # a claim measured per variant (removal: "... (fixed window, shapes_removal)") replaces its unmeasured plain row
     rows = [r for r in rows if not (str(r.verdict).startswith(sc.ABSENT)
                                     and any(o.claim.startswith(f"{r.claim} (") for o in rows))]
-    inst = sc.Instrument(list(dict.fromkeys(m for i in instruments for m in i.models)), all(i.model_ok for i in instruments),
+    inst = sc.Instrument(list(dict.fromkeys(m for i in instruments for m in i.models)),
                          "; ".join(dict.fromkeys(i.model_text for i in instruments)),
-                         list(dict.fromkeys(r for i in instruments for r in i.readers)), all(i.reader_ok for i in instruments),
-                         "; ".join(dict.fromkeys(i.reader_text for i in instruments)))
+                         list(dict.fromkeys(r for i in instruments for r in i.readers)),
+                         "; ".join(dict.fromkeys(i.reader_text for i in instruments)),
+                         {k: sc._worst([i.checks[k] for i in instruments if k in i.checks])
+                          for k in sc.CHECKS if any(k in i.checks for i in instruments)})
     return pd.DataFrame(rows).reset_index(drop=True), inst, [describe(Path(d)) for d in directories]
 
 
@@ -121,10 +123,11 @@ def readme_block(table: pd.DataFrame, inst: sc.Instrument, sweeps: list[Sweep]) 
     lines = ["Measured by negstudy on the shipped model with the validated reader; 95 % intervals. Generated "
              "(`python -m negstudy.findings docs/findings/runs/* --write`) from the archived sweep tables.", "",
              f"Model quality: {inst.model_text}. Reader: {inst.reader_text}.", "",
-             "| claim (Ban et al.) | paper | measured here | n | verdict |", "|---|---|---|---|---|"]
-    for r in table.itertuples():
-        lines.append(f"| {_cell(r.claim)} | {_cell(_short(r.paper, 60))} | {_cell(_short(r.measured, 70))} | {_cell(r.n)} | "
-                     f"{_cell(r.verdict.split(' (')[0] if r.verdict.startswith(sc.ABSENT) else r.verdict)} |")
+             "| claim (Ban et al.) | paper | measured here | n | verdict | n to decide |", "|---|---|---|---|---|---|"]
+    for r in table.to_dict("records"):
+        verdict = r["verdict"].split(" (")[0] if r["verdict"].startswith(sc.ABSENT) else r["verdict"]
+        lines.append(f"| {_cell(r['claim'])} | {_cell(_short(r['paper'], 60))} | {_cell(_short(r['measured'], 70))} | {_cell(r['n'])} | "
+                     f"{_cell(verdict)} | {_cell(r.get('n to decide', '-'))} |")
     lines += ["", f"Sweeps (jobs' time on {cpus}): {times}. Commands, rules, per-pair tables and what each verdict "
                   "means: [findings](docs/findings.md)."]
     return "\n".join(lines)
@@ -220,10 +223,27 @@ def docs_block(table: pd.DataFrame, inst: sc.Instrument, sweeps: list[Sweep], ex
              "the runs below; do not edit by hand.", "",
              f"Models: {', '.join(inst.models)}.", "", f"Model quality: {inst.model_text}.", "",
              f"Reader ({', '.join(inst.readers)}): {inst.reader_text}.", "",
-             "| claim | paper | measured | n | verdict | rule | run |", "|---|---|---|---|---|---|---|"]
-    for r in table.itertuples():
-        lines.append(" | ".join(["", *(_cell(getattr(r, c)) for c in ("claim", "paper", "measured", "n", "verdict", "rule", "run")), ""]).strip())
-    return "\n".join(lines + ["", *_sweeps_lines(sweeps), *extra])
+             "| claim | paper | measured | n | verdict | n to decide | rule | checks | run |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in table.to_dict("records"):
+        lines.append(" | ".join(["", *(_cell(r.get(c, "-")) for c in ("claim", "paper", "measured", "n", "verdict", "n to decide", "rule",
+                                                                     "checks", "run")), ""]).strip())
+    return "\n".join(lines + ["", *checks_lines(table, inst), "", *_sweeps_lines(sweeps), *extra])
+
+
+def checks_lines(table: pd.DataFrame, inst: sc.Instrument) -> list[str]:
+    """The instrument checks, one line each: what it measures, its threshold, its value on these runs, the claims
+    that need it."""
+    needs = {k: list(dict.fromkeys(r.key for r in table.itertuples() if k in str(getattr(r, "checks", "")).split(", ")))
+             for k in inst.checks}
+    lines = ["Instrument checks (a claim's verdict is given only when every check it names passes; the thresholds are "
+             "the plan's, in `negstudy/scorecard.py` CHECKS):", "",
+             "| check | what it measures | threshold | measured | claims that need it (scorecard keys) |", "|---|---|---|---|---|"]
+    for key, r in inst.checks.items():
+        value = ("not measured" if r.value is None else f"{r.value:.1%}") + ("" if r.passed else " (FAILS)")
+        who = f" ({r.reader})" if r.reader else ""
+        lines.append(f"| {key}{who} | {_cell(r.check.says)} | >= {r.check.threshold:.0%} | {value} | "
+                     f"{', '.join(needs[key]) or '-'} |")
+    return lines
 
 
 def replace_block(text: str, marker: str, body: str, path: str) -> str:

@@ -123,7 +123,8 @@ def summary_lines(root: str | Path) -> list[str]:
         lines += [f"not measured: {line}" for line in dict.fromkeys(limits.left_out)]
     card = root / "report" / "scorecard.csv"
     if card.exists():
-        verdicts = pd.read_csv(card).verdict.str.replace(r"^(not measured in this run) .*", r"\1", regex=True).value_counts()
+        verdicts = (pd.read_csv(card).verdict.str.replace(r"^(not measured in this run) .*", r"\1", regex=True)
+                    .str.replace(r"^inconclusive \(instrument: .*", "inconclusive (instrument)", regex=True).value_counts())
         lines.append("replication scorecard (report/scorecard.md): " + ", ".join(f"{k} {v}" for k, v in verdicts.items()))
     return lines
 

@@ -14,29 +14,27 @@ Verdicts, in this order:
 
 1. ``not measured in this run``: the table the claim needs is absent (the row names the sweep that
    writes it), or the run's tables lack what the claim needs (the row says what).
-2. ``inconclusive at this n``: fewer than MIN_CLUSTERS pairs (captions) or MIN_UNITS pair-seeds
+2. ``inconclusive (instrument: <the check that failed, its value and threshold>)``: a check the
+   claim needs fails, whatever the n and the interval. Each claim declares its checks
+   (CLAIM_CHECKS), each a measured number with a threshold (CHECKS, the project plan's): the
+   model's ``quality.json`` (``scripts/measure_shapes.py --json``: does a negative act on this
+   model, are the attributes drawn when named, does a word's map reach its object, are there
+   unnamed objects to remove), the reader's agreement with by-eye labels on the model's own images
+   (``reader_agreement.json``, held-out split), or the run itself (the attention lag needs
+   MIN_UNITS pair-seeds where both words' maps reach their regions). The ratio claims need the
+   reader only when the run screened its seeds with it (``screen.parquet``; the paper's protocol
+   reads nothing). A model whose quality was never measured (no ``quality.json`` beside it: a hub
+   checkpoint) is not held against a claim, and the header says "not measured"; a reader never
+   validated on the model is ("reader not validated").
+3. ``inconclusive at this n``: fewer than MIN_CLUSTERS pairs (captions) or MIN_UNITS pair-seeds
    (objects) behind the number, whatever its interval.
-3. ``holds``: the 95 % interval satisfies the row's "holds" condition; for a claimed value with a
+4. ``holds``: the 95 % interval satisfies the row's "holds" condition; for a claimed value with a
    band, the interval lies INSIDE the band (an equivalence rule: the data pin the value near the
    paper's, not merely fail to exclude it).
-4. ``does not hold``: the interval satisfies the row's "does not hold" condition (for a band: the
+5. ``does not hold``: the interval satisfies the row's "does not hold" condition (for a band: the
    interval lies entirely OUTSIDE it).
-5. ``inconclusive at this n``: anything else (the interval straddles an edge).
-6. The instrument: a model or a reader that could not have shown an effect cannot refute it, so
-   "does not hold" becomes ``inconclusive (instrument)`` when
-   - the model's measured quality is below target (MODEL_TARGETS, the targets of the shipped
-     model's plan: object recall and background right >= 95 %, read from ``quality.json``
-     beside the model (``scripts/measure_shapes.py --json``) or its card's table), or
-   - the claim is read by the reader (reverse activation, energy barrier, removal) and the
-     reader's agreement with by-eye labels on generated images is below target (READER_TARGETS:
-     object >= 98 %, background >= 97 %, on the held-out split) or was never measured
-     ("reader not validated").
-   The attention lag is also ``inconclusive (instrument)`` when both words' maps were recorded and
-   fewer than MIN_UNITS pair-seeds have both arriving by the lift rule: the model's maps do not
-   concentrate on the regions, so it could not show an arrival, early or late.
-   A model whose quality was never measured (a hub checkpoint without a card) is not held against
-   the claim; the header says "not measured". "holds" is never downgraded: the effect showed
-   through the instrument.
+6. ``inconclusive at this n``: anything else (the interval straddles an edge); the row's "n to
+   decide" scales the measured spread to the n that would clear the nearest edge (n_to_decide).
 
 The reader's agreement comes from ``reader_agreement.json`` beside the model
 (``negstudy/models/<model>/reader_agreement.json``, written by
@@ -69,14 +67,61 @@ from negstudy.critical import cluster_mean_ci, cluster_rate_ci
 MIN_CLUSTERS = 3  # pairs (captions): fewer, and a bootstrap over them says little
 MIN_UNITS = 10  # pair-seeds (objects)
 PAPER_CALLS = 31  # the paper's loop: 30 PNDM steps, 31 UNet calls
-MODEL_TARGETS = {"object_recall": 0.95, "background_right": 0.95}
-READER_TARGETS = {"object": 0.98, "background": 0.97}
+MODEL_TARGETS = {"object_recall": 0.95, "background_right": 0.95}  # the shipped model's plan (shown, not a gate)
+READER_TARGETS = {"object": 0.98, "background": 0.97, "attribute": 0.95}
 READER_SPLIT = "holdout"
 REVERSE_EARLY = 10  # the paper's reverse-activation ks: 1..10 of 31 calls (plus 20, 30)
 READER_ERROR = 0.02  # object decisions the reader may get wrong at its target (1 - 0.98)
 
 HOLDS, FAILS, OPEN, INSTRUMENT, ABSENT = ("holds", "does not hold", "inconclusive at this n",
-                                          "inconclusive (instrument)", "not measured in this run")
+                                          "inconclusive (instrument", "not measured in this run")
+# INSTRUMENT is the prefix of "inconclusive (instrument: <the failed check>)"
+ATTRIBUTES = ("blurry", "noisy", "dark", "striped")  # the shapes world's (negstudy.shapes.world.ATTRIBUTES)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One instrument check: a measured number that a claim needs at or above ``threshold``."""
+
+    key: str
+    threshold: float
+    source: str  # "quality" (quality.json beside the model) or "reader" (reader_agreement.json, held-out split)
+    field: str  # the quality.json key, or the reader's decision ("object", "background", "attribute")
+    says: str  # one line: what it measures and why a claim needs it
+
+
+CHECKS = {c.key: c for c in (
+    Check("negative_acts", 0.50, "quality", "object_removal",
+          "an object negative at every step removes an unnamed object of its class: a negative acts on this model"),
+    Check("attribute_negative_acts", 0.50, "quality", "attribute_removal",
+          "an attribute negative at every step removes an unnamed attribute: attribute negatives act on this model"),
+    *(Check(f"{a}_drawn", 0.80, "quality", f"attribute_{a}",
+            f"'{a}' is drawn when the caption names it: the model knows the adjective it is asked to remove")
+      for a in ATTRIBUTES),
+    Check("words_localize", 0.80, "quality", "object_localization",
+          "the prompt's object word reaches its own object (lift >= 2, mean map of the last five steps): maps that "
+          "could show an arrival"),
+    Check("unnamed_objects", 0.20, "quality", "images_with_unnamed_object",
+          "images hold an object the caption does not name: something to remove"),
+    Check("reader_objects", READER_TARGETS["object"], "reader", "object",
+          "the reader's object decisions agree with labels by eye on this model's held-out images"),
+    Check("reader_backgrounds", READER_TARGETS["background"], "reader", "background",
+          "the reader's background decisions agree with labels by eye (held-out)"),
+    Check("reader_attributes", READER_TARGETS["attribute"], "reader", "attribute",
+          "the reader's attribute decisions agree with labels by eye (held-out)"),
+)}
+SCREENED = "screened"  # checks a ratio claim needs only when the run screened its seeds with the reader
+CLAIM_CHECKS = {
+    "noun_peak_step": ("negative_acts", SCREENED, "reader_objects"),
+    "noun_peak_height": ("negative_acts", SCREENED, "reader_objects"),
+    "adjective_crossing": ("attribute_negative_acts", "<attributes>_drawn", SCREENED, "reader_attributes"),
+    "attention_later": ("words_localize", "reader_objects"),
+    "reverse_activation": ("negative_acts", "reader_objects"),
+    "inducing": ("negative_acts",),
+    "momentum": (),
+    "energy_barrier": ("reader_objects", "reader_backgrounds"),
+    "removal": ("unnamed_objects", "reader_objects", "reader_backgrounds"),
+}
 
 
 @dataclass(frozen=True)
@@ -100,19 +145,37 @@ class Claim:
     claim: str
     paper: str
     rule: str  # shown in the row
-    holds: Callable[[float, float], bool]
-    fails: Callable[[float, float], bool]
+    holds: Rule
+    fails: Rule
     table: str
     sweep: str
-    uses_reader: bool
 
 
-def inside(a: float, b: float):
-    return lambda lo, hi: a <= lo and hi <= b
+@dataclass(frozen=True)
+class Rule:
+    """A verdict's condition on the 95 % interval (lo, hi), and the edges it compares the interval with."""
+
+    test: Callable[[float, float], bool]
+    edges: tuple[float, ...]
+
+    def __call__(self, lo: float, hi: float) -> bool:
+        return self.test(lo, hi)
 
 
-def outside(a: float, b: float):
-    return lambda lo, hi: hi < a or lo > b
+def inside(a: float, b: float) -> Rule:
+    return Rule(lambda lo, hi: a <= lo and hi <= b, (a, b))
+
+
+def outside(a: float, b: float) -> Rule:
+    return Rule(lambda lo, hi: hi < a or lo > b, (a, b))
+
+
+def above(x: float) -> Rule:
+    return Rule(lambda lo, hi: lo > x, (x,))
+
+
+def below(x: float, or_at: bool = False) -> Rule:
+    return Rule((lambda lo, hi: hi <= x) if or_at else (lambda lo, hi: hi < x), (x,))
 
 
 def _grid(x, n_calls: int) -> float:
@@ -142,43 +205,43 @@ CLAIMS = (
           "peak at step 5 of 31 calls (10 pairs x 10 seeds, SD 2 base)",
           "holds if the 95 % CI of the peak step (31-call grid) lies within steps 2..8 (paper +-3); "
           "does not hold if it lies entirely outside",
-          inside(2, 8), outside(2, 8), "ratio", "+sweep=critical_step (the main job)", False),
+          inside(2, 8), outside(2, 8), "ratio", "+sweep=critical_step (the main job)"),
     Claim("noun_peak_height", "Object (noun) negatives: the peak strength ratio",
           "max ~1.07", "holds if the 95 % CI of the mean curve's maximum lies within 1.02..1.12 (paper +-0.05); "
           "does not hold if it lies entirely outside",
-          inside(1.02, 1.12), outside(1.02, 1.12), "ratio", "+sweep=critical_step (the main job)", False),
+          inside(1.02, 1.12), outside(1.02, 1.12), "ratio", "+sweep=critical_step (the main job)"),
     Claim("adjective_crossing", "Attribute (adjective) negatives: the ratio starts below 1 and crosses it near step 10",
           "crosses 1 near step 10 of 31 calls, then plateaus",
           "crossing by the default rule (stays >= 1 up to dips of 0.01); holds if its 95 % CI (31-call grid) lies "
           "within steps 7..13 (paper +-3); does not hold if it lies entirely outside (never crossing counts as outside)",
-          inside(7, 13), outside(7, 13), "ratio", "+sweep=critical_step (the main job)", False),
+          inside(7, 13), outside(7, 13), "ratio", "+sweep=critical_step (the main job)"),
     Claim("attention_later", "The negative word's attention reaches the object's region later than the positive prompt's",
           "several steps later (Figures 1 and 4, judged by eye)",
           "per pair-seed, lag = the step at which the negative word's map reaches the concept's region (negative "
           "branch) - the step at which the prompt's first object word reaches its own object (positive branch), lift >= 2; "
           "holds if the 95 % CI of the mean lag is above 0, does not hold if below 0",
-          lambda lo, hi: lo > 0, lambda lo, hi: hi < 0, "attention", "+sweep=critical_step (the main job)", True),
+          above(0), below(0), "attention", "+sweep=critical_step (the main job)"),
     Claim("reverse_activation", "Reverse activation: the negative in the first steps only CREATES the object it names",
           "shown qualitatively (e.g. office woman + 'glasses' for the first k steps: she wears glasses)",
           f"rate of pair-seeds (object absent without the negative) in which it appears for some k in 1..{REVERSE_EARLY} "
           f"of 31 calls; holds if the 95 % CI is above the reader's error allowance {READER_ERROR:.0%}, does not hold if "
           f"it lies below it",
-          lambda lo, hi: lo > READER_ERROR, lambda lo, hi: hi <= READER_ERROR, "reverse", "+sweep=reverse_activation", True),
+          above(READER_ERROR), below(READER_ERROR, or_at=True), "reverse", "+sweep=reverse_activation"),
     Claim("inducing", "Inducing: D(t) starts at 0 and grows",
           "D(0) = 0, grows to ~0.37 (L2 norm on SD 2 latents; negstudy's D is in RMS units: magnitudes do not compare)",
           "mean D(t) over the second half of the steps; holds if its 95 % CI is above 0, does not hold if it is at or below 0",
-          lambda lo, hi: lo > 0, lambda lo, hi: hi <= 0, "inducing", "+sweep=mechanisms", False),
+          above(0), below(0, or_at=True), "inducing", "+sweep=mechanisms"),
     Claim("momentum", "Momentum: m(t) = cos(eps_pos(t), eps_pos(t+1)) stays ~1 until the last steps",
           "~0.999 until the last steps, then ~0.92 (the author's code: cosine of signs)",
           "mean m(t) over the first 80 % of the steps, negative at every step, as the cosine of signs (m_sign, the "
           "paper's) when the table has it, else of the raw vectors (m); holds if its 95 % CI lies within 0.98..1, "
           "does not hold if it lies below 0.98",
-          inside(0.98, 1.0), lambda lo, hi: hi < 0.98, "momentum", "+sweep=mechanisms", False),
+          inside(0.98, 1.0), below(0.98), "momentum", "+sweep=mechanisms"),
     Claim("energy_barrier", "Energy barrier: the denoising error of a background/object mix peaks near theta 0.5",
           "a barrier of ~+20 % at theta ~0.5 (t = 100)",
           "error at theta 0.5 relative to the mean of the ends (theta 0 and 1), minus 1, at the least-noised step "
           "measured; holds if its 95 % CI is above 0, does not hold if it is at or below 0",
-          lambda lo, hi: lo > 0, lambda lo, hi: hi <= 0, "energy", "+sweep=mechanisms", True),
+          above(0), below(0, or_at=True), "energy", "+sweep=mechanisms"),
 )
 REMOVAL_CLAIMS = (
     ("vs_from0", "Windowed removal: removal rate relative to the negative from step 0",
@@ -235,13 +298,14 @@ CARD_ROWS = {"object_recall": "per-object recall", "background_right": "backgrou
 
 
 def model_quality(directory: Path | None) -> tuple[dict, str]:
-    """({measure: rate}, source): quality.json beside the model, else the rows of its card's table."""
+    """({measure: rate}, source): every rate of quality.json beside the model, else the rows of its card's table
+    (object recall and background right: shown, not checks)."""
     if directory is None:
         return {}, "not measured (no model card)"
     path = directory / "quality.json"
     if path.exists():
         data = json.loads(path.read_text())
-        return {k: float(data[k]) for k in MODEL_TARGETS if k in data}, shareable(path)
+        return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, shareable(path)
     card = directory / "README.md"
     found = {}
     if card.exists():
@@ -274,13 +338,69 @@ def reader_agreement(directory: Path | None, reader: str) -> tuple[dict, str]:
 
 
 @dataclass(frozen=True)
+class CheckResult:
+    """A check on one run: its value (None: not measured), whether it passed, and where the value comes from."""
+
+    check: Check
+    value: float | None
+    passed: bool
+    where: str  # the file the value comes from, or why there is none
+    reader: str = ""
+
+    @property
+    def failure(self) -> str:
+        """The verdict's parenthesis when the check fails: the check, its value and threshold."""
+        c = self.check
+        who = f" ({self.reader})" if self.reader else ""
+        if self.value is None:
+            return f"{c.key}{who} not measured: {self.where}"
+        return f"{c.key}{who} {self.value:.1%} < {c.threshold:.0%}"
+
+    @property
+    def text(self) -> str:
+        c = self.check
+        who = f" of reader {self.reader}" if self.reader else ""
+        if self.value is None:
+            return f"{c.key}{who}: {self.where}" + ("" if self.passed else ": FAILS")
+        return (f"{c.key}{who} {self.value:.1%} (>= {c.threshold:.0%}: {'passes' if self.passed else 'FAILS'}) "
+                f"[{self.where}]")
+
+
+def _check(check: Check, quality: dict, quality_source: str, has_quality: bool, readers: dict[str, tuple[dict, str]]) -> list[CheckResult]:
+    """The check's results on one model: one per reader for a reader check."""
+    if check.source == "quality":
+        if not has_quality:  # a model never measured (a hub checkpoint) is not held against a claim
+            return [CheckResult(check, None, True, "not measured (no quality.json beside the model): not held against the claims")]
+        if check.field not in quality:
+            return [CheckResult(check, None, False, f"{check.field} not in {quality_source} (scripts/measure_shapes.py --json)")]
+        v = quality[check.field]
+        return [CheckResult(check, v, v >= check.threshold, quality_source)]
+    out = []
+    for reader, (rates, source) in readers.items():
+        if check.field not in rates:
+            why = source if not rates else f"no {check.field} agreement in {source}"
+            out.append(CheckResult(check, None, False, why, reader))
+        else:
+            v = rates[check.field]
+            out.append(CheckResult(check, v, v >= check.threshold, source, reader))
+    return out
+
+
+def _worst(results: list[CheckResult]) -> CheckResult:
+    """The result that decides: a failure before a pass, then the lowest value."""
+    return min(results, key=lambda r: (r.passed, -1.0 if r.value is None else r.value))
+
+
+@dataclass(frozen=True)
 class Instrument:
     models: list[str]
-    model_ok: bool  # False: measured and below target
     model_text: str
     readers: list[str]
-    reader_ok: bool  # False: below target or not validated
     reader_text: str
+    checks: dict  # check key -> CheckResult (the worst over the run's models and readers)
+
+    def failed(self, keys) -> list[CheckResult]:
+        return [self.checks[k] for k in keys if k in self.checks and not self.checks[k].passed]
 
 
 def instrument(root: Path, targets: pd.DataFrame | None = None) -> Instrument:
@@ -291,27 +411,35 @@ def instrument(root: Path, targets: pd.DataFrame | None = None) -> Instrument:
     if targets is not None and not targets.empty and "evaluator" in targets:
         readers = list(dict.fromkeys(list(targets.evaluator.astype(str)) + [r for r in readers if r != "?"]))
     readers = readers or ["unknown"]
-    model_ok, reader_ok, mtexts, rtexts = True, True, [], []
+    mtexts, rtexts, results = [], [], {k: [] for k in CHECKS}
     for c in configs or [{}]:
         directory = model_dir(c.get("model", {}))
         quality, source = model_quality(directory)
-        below = [k for k, t in MODEL_TARGETS.items() if k in quality and quality[k] < t]
-        model_ok &= not below
-        shown = ", ".join(f"{k} {quality[k]:.1%} (target >= {MODEL_TARGETS[k]:.0%})" for k in MODEL_TARGETS if k in quality)
-        mtexts.append(f"{c.get('model', {}).get('name', 'unknown model')}: {shown or source}" + (f" [{source}]" if shown else "")
-                      + (": BELOW TARGET" if below else ""))
-        for reader in readers:
-            rates, rsource = reader_agreement(directory, reader)
-            if not rates:
-                reader_ok = False
-                rtexts.append(f"{reader}: {rsource}")
-                continue
-            low = [d for d, t in READER_TARGETS.items() if rates.get(d, -1.0) < t]
-            reader_ok &= not low
-            rtexts.append(f"{reader} on the {READER_SPLIT} labels: " + ", ".join(
-                f"{d} {rates[d]:.1%} (target >= {t:.0%})" if d in rates else f"{d} not measured" for d, t in READER_TARGETS.items())
-                + f" [{rsource}]" + (": BELOW TARGET" if low else ""))
-    return Instrument(models, model_ok, "; ".join(dict.fromkeys(mtexts)), readers, reader_ok, "; ".join(dict.fromkeys(rtexts)))
+        has_quality = directory is not None and (directory / "quality.json").exists()
+        shown = ", ".join(f"{k} {quality[k]:.1%}" for k in MODEL_TARGETS if k in quality)
+        mtexts.append(f"{c.get('model', {}).get('name', 'unknown model')}: {shown or source}" + (f" [{source}]" if shown else ""))
+        agreement = {reader: reader_agreement(directory, reader) for reader in readers}
+        for reader, (rates, rsource) in agreement.items():
+            rtexts.append(f"{reader}: {rsource}" if not rates else f"{reader} on the {READER_SPLIT} labels: " + ", ".join(
+                f"{d} {rates[d]:.1%}" if d in rates else f"{d} not measured" for d in READER_TARGETS) + f" [{rsource}]")
+        for key, check in CHECKS.items():
+            results[key] += _check(check, quality, source, has_quality, agreement)
+    return Instrument(models, "; ".join(dict.fromkeys(mtexts)), readers, "; ".join(dict.fromkeys(rtexts)),
+                      {k: _worst(v) for k, v in results.items() if v})
+
+
+def claim_checks(key: str, screened: bool, attributes=()) -> tuple[str, ...]:
+    """The checks claim ``key`` needs on a run: the reader's only where it read the claim's images (the ratio
+    claims: when the run screened its seeds); the attribute claim's drawn checks for the attributes it negated."""
+    out, skip = [], False
+    for k in CLAIM_CHECKS[key]:
+        if k == SCREENED:
+            skip = not screened
+        elif k == "<attributes>_drawn":
+            out += [f"{a}_drawn" for a in ATTRIBUTES if a in set(attributes)]
+        elif not skip:
+            out.append(k)
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -446,31 +574,62 @@ def _removal(targets: pd.DataFrame) -> list[tuple[str, str, Measure | str]]:
 # ----------------------------------------------------------------------------- verdicts
 
 
-def verdict(m: Measure | str | None, holds, fails, uses_reader: bool, inst: Instrument) -> str:
-    """The verdict of one measured claim by the rules of the module docstring."""
-    if isinstance(m, Measure) and m.unresolved:
-        return INSTRUMENT
-    if not isinstance(m, Measure) or m.missing or all(np.isnan(x) for x in (m.value, m.low, m.high)):
+def verdict(m: Measure | str | None, holds, fails, failed: list[CheckResult] = ()) -> str:
+    """The verdict of one measured claim by the rules of the module docstring; ``failed``: its failed checks."""
+    if not isinstance(m, Measure) or m.missing or (not m.unresolved and all(np.isnan(x) for x in (m.value, m.low, m.high))):
         return ABSENT
+    if m.unresolved or failed:
+        reasons = ([m.unresolved] if m.unresolved else []) + [r.failure for r in failed]
+        return f"{INSTRUMENT}: {'; '.join(reasons)})"
     if m.n_clusters < MIN_CLUSTERS or m.n_units < MIN_UNITS:
         return OPEN
     if holds(m.low, m.high):
         return HOLDS
     if fails(m.low, m.high):
-        return FAILS if inst.model_ok and (inst.reader_ok or not uses_reader) else INSTRUMENT
+        return FAILS
     return OPEN
 
 
-def _row(claim: str, paper: str, rule: str, m: Measure | str | None, v: str, source: str, sweep: str, uses_reader: bool) -> dict:
+Z95 = 1.959964
+
+
+def n_to_decide(m: Measure | str | None, edges: tuple[float, ...]) -> tuple[int, int] | None:
+    """(clusters, units) at which the interval would clear the rule's nearest edge, if the value and the spread per
+    unit stay as measured: the half-width facing that edge shrinks as 1 / sqrt(n), so n grows by (half-width / gap)^2,
+    clusters and units alike. A rate measured at 0 (no event yet) is decided when zero events in n units put the
+    upper 95 % bound under the edge (Wilson at 0: n = z^2 (1 - e) / e; 188 for e = 2 %). None when the value sits on
+    an edge or the interval is open."""
+    if not isinstance(m, Measure) or not all(np.isfinite(x) for x in (m.value, m.low, m.high)) or m.n_units == 0:
+        return None
+    edge = min(edges, key=lambda e: abs(m.value - e))
+    gap = abs(m.value - edge)
+    if gap == 0:
+        return None
+    if m.value == 0 and m.low == 0 and 0 < edge < 1:
+        units = math.ceil(Z95 ** 2 * (1 - edge) / edge)
+        factor = units / m.n_units
+    else:
+        half = m.high - m.value if edge > m.value else m.value - m.low
+        if half <= 0:
+            return None
+        factor = max((half / gap) ** 2, 1.0)  # under 1: the spread already suffices, the n minimums decide
+        units = math.ceil(m.n_units * factor)
+    return max(MIN_CLUSTERS, math.ceil(m.n_clusters * max(factor, 1.0))), max(MIN_UNITS, units)
+
+
+def _row(key: str, claim: str, paper: str, rule: str, m: Measure | str | None, v: str, source: str, sweep: str, checks=(),
+         edges: tuple[float, ...] = ()) -> dict:
     """m: the measure, a sentence saying why the run's tables cannot give it, or None (the table is absent)."""
     measured = isinstance(m, Measure)
     if v == ABSENT:
         v = (f"{ABSENT} ({sweep} writes {source})" if m is None else f"{ABSENT} ({m})" if not measured
              else f"{ABSENT} (needs {m.missing})" if m.missing else f"{ABSENT} (no value)")
     clusters, units = m.unit.split(" x ") if measured else ("", "")
-    return {"claim": claim, "paper": paper, "measured": m.text if measured else "-",
+    need = n_to_decide(m, edges) if v == OPEN else None
+    return {"key": key, "claim": claim, "paper": paper, "measured": m.text if measured else "-",
             "n": f"{m.n_clusters} {clusters} x {m.n_units} {units}" if measured else "-", "verdict": v,
-            "rule": rule + (" [read by the reader]" if uses_reader else ""), "source": source,
+            "rule": rule, "checks": ", ".join(checks) or "-", "source": source,
+            "n to decide": f"~{need[0]} {clusters} x {need[1]} {units}" if need else "-",
             "value": m.value if measured else np.nan, "low": m.low if measured else np.nan, "high": m.high if measured else np.nan,
             "n_clusters": m.n_clusters if measured else 0, "n_units": m.n_units if measured else 0}
 
@@ -509,22 +668,29 @@ def scorecard(root: str | Path, variant: str = DEFAULT_VARIANT) -> tuple[pd.Data
                                                                    f"{mom[mom.step == last][col].mean():.4f}{other}")
     if not tables["energy"].empty:
         measures["energy_barrier"] = _energy(tables["energy"])
+    screen = tables["screen"]
+    screened = not screen.empty and ("protocol" not in screen or (screen.protocol.astype(str) == "screened").any())
+    attributes = (sorted(set(tables["ratio"].loc[tables["ratio"].category == "attribute", "negative"].astype(str)))
+                  if {"category", "negative"} <= set(tables["ratio"].columns) else [])
     rows = []
     for c in CLAIMS:
         m = measures.get(c.key)
-        v = verdict(m, c.holds, c.fails, c.uses_reader, inst)
-        rows.append(_row(c.claim, c.paper, c.rule, m, v, f"{c.table}.parquet", c.sweep, c.uses_reader))
+        keys = claim_checks(c.key, screened, attributes)
+        v = verdict(m, c.holds, c.fails, inst.failed(keys))
+        rows.append(_row(c.key, c.claim, c.paper, c.rule, m, v, f"{c.table}.parquet", c.sweep, keys,
+                         c.holds.edges + c.fails.edges))
     removal = _removal(tables["removal_targets"]) if not tables["removal_targets"].empty else []
+    keys = claim_checks("removal", True)
     for key, claim, paper, rule, holds, fails in REMOVAL_CLAIMS:
         found = [(label, m) for k, label, m in removal if k == key] or [(None, None)]
         for label, m in found:
-            v = verdict(m, holds, fails, True, inst)
-            rows.append(_row(claim + (f" ({label})" if label else ""), paper, rule, m, v, "removal_targets.parquet",
-                             "+sweep=removal", True))
+            v = verdict(m, holds, fails, inst.failed(keys))
+            rows.append(_row(f"removal_{key}", claim + (f" ({label})" if label else ""), paper, rule, m, v, "removal_targets.parquet",
+                             "+sweep=removal", keys, holds.edges + fails.edges))
     return pd.DataFrame(rows), inst
 
 
-SHOWN = ["claim", "paper", "measured", "n", "verdict", "rule"]
+SHOWN = ["claim", "paper", "measured", "n", "verdict", "n to decide", "rule", "checks"]
 
 
 def run_name(root: str | Path) -> str:
@@ -537,9 +703,10 @@ def _header(root: Path, inst: Instrument) -> list[str]:
             f"Model quality: {inst.model_text}.", f"Reader ({', '.join(inst.readers)}): {inst.reader_text}.",
             f"Verdicts: holds = the 95 % interval is inside the claim's band; does not hold = entirely outside; otherwise, or "
             f"with fewer than {MIN_CLUSTERS} pairs (captions) or {MIN_UNITS} pair-seeds (objects), inconclusive at this n. "
-            "A 'does not hold' on a model below its quality target, or read by a reader below its agreement target or never "
-            "validated, is 'inconclusive (instrument)'. Intervals resample pairs, then seeds within pairs (removal: captions, "
-            "then objects). Steps are UNet-call indices, compared on the paper's 31-call grid."]
+            "A verdict is given only when every instrument check its row names passes; otherwise the row reads "
+            "'inconclusive (instrument: <the failed check, its value and threshold>)'. Intervals resample pairs, then seeds "
+            "within pairs (removal: captions, then objects). Steps are UNet-call indices, compared on the paper's 31-call grid.",
+            "Instrument checks: " + "; ".join(r.text for r in inst.checks.values()) + "."]
 
 
 def _markdown(table: pd.DataFrame, inst: Instrument, root: Path) -> str:
@@ -566,10 +733,12 @@ def _html(table: pd.DataFrame, inst: Instrument, root: Path) -> str:
     colours = {HOLDS: "#d7f5d7", FAILS: "#f8d4d4", OPEN: "#fff3c4", INSTRUMENT: "#fff3c4"}
     head = "".join(f"<th>{html.escape(c)}</th>" for c in SHOWN)
     body = []
-    for r in table.itertuples():
-        colour = next((v for k, v in colours.items() if r.verdict == k), "#eeeeee")
-        cells = "".join(f"<td>{html.escape(str(getattr(r, c)))}</td>" if c != "verdict" else
-                        f"<td style='background:{colour}'><b>{html.escape(r.verdict)}</b></td>" for c in SHOWN)
+    for r in table.to_dict("records"):
+        verdict = r["verdict"]
+        colour = next((v for k, v in colours.items() if verdict.startswith(k) and verdict[len(k):len(k) + 1] in ("", ":")),
+                      "#eeeeee")
+        cells = "".join(f"<td>{html.escape(str(r[c]))}</td>" if c != "verdict" else
+                        f"<td style='background:{colour}'><b>{html.escape(verdict)}</b></td>" for c in SHOWN)
         body.append(f"<tr>{cells}</tr>")
     notes = "".join(f"<p>{html.escape(h)}</p>" for h in _header(root, inst))
     return (f"<h2>Replication scorecard</h2>{notes}"

@@ -158,6 +158,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "'X' from step 0 on the unnamed X: removed, named objects kept) to <out>/probe.csv, write "
                         "<out>/probe/step_*.png, and keep "
                         "the best-scoring EMA weights in <out>/best/ (0: off). Probe time is not training time.")
+    p.add_argument("--probe-model", type=Path, default=None, metavar="DIR",
+                   help="no training: run the probe (--probe-n, --probe-attribute-n) once on an exported model directory and "
+                        "write <out>/probe_baseline.json and its contact sheets (the baseline of scripts/plot_probe.py)")
     p.add_argument("--probe-n", type=int, default=128, help="captions per probe (one image each)")
     p.add_argument("--probe-attribute-n", type=int, default=4, metavar="K",
                    help="per attribute, K more probe captions that name it (pooled with the --probe-n captions that do)")
@@ -766,6 +769,33 @@ def run_probe(unet, text, tokenizer, captions: list[str], device, zero_snr: bool
 # training
 
 
+def probe_model(args) -> dict:
+    """The probe of an exported model (``--probe-model DIR``): the same captions, seeds and rates as a training
+    run's probe, written to <out>/probe_baseline.json with its contact sheets."""
+    src: Path = args.probe_model
+    if not (src / "unet").is_dir() or not (src / "text_encoder").is_dir():
+        raise SystemExit(f"--probe-model {src}: not an exported model directory (needs unet/ and text_encoder/)")
+    device = resolve_device(args.device)
+    tokenizer = CLIPTokenizer.from_pretrained(str(src / "tokenizer"))
+    unet = UNet2DConditionModel.from_pretrained(str(src), subfolder="unet").float().to(device).eval()
+    text = CLIPTextModel.from_pretrained(str(src), subfolder="text_encoder").float().to(device).eval()
+    sched = json.loads((src / "scheduler" / "scheduler_config.json").read_text()) if (src / "scheduler").is_dir() else {}
+    zero_snr = bool(sched.get("rescale_betas_zero_snr", False))
+    captions, attr = probe_captions(args.probe_n), probe_attribute_captions(args.probe_attribute_n)
+    t = time.monotonic()
+    imgs, attr_imgs, r = run_probe(unet, text, tokenizer, captions, device, zero_snr, attr)
+    out: Path = args.out
+    (out / "probe").mkdir(parents=True, exist_ok=True)
+    write_png(out / "probe" / "baseline.png", image_grid(imgs))
+    if len(attr_imgs):
+        write_png(out / "probe" / "baseline_attributes.png", image_grid(attr_imgs))
+    result = {"model": str(src), "probe_n": args.probe_n, "probe_attribute_n": args.probe_attribute_n,
+              "seconds": round(time.monotonic() - t, 1), "score": probe_score(r), **{k: float(v) for k, v in r.items()}}
+    (out / "probe_baseline.json").write_text(json.dumps(result, indent=2))
+    print(f"probe of {src}: " + ", ".join(f"{k} {r[k]:.1%}" for k in PROBE_KEYS) + f" -> {out / 'probe_baseline.json'}", flush=True)
+    return result
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -775,6 +805,9 @@ def main(argv=None):
     if args.assemble is not None:
         dest = assemble(args.assemble, args.out)
         print(f"assembled {dest} from {args.assemble}", flush=True)
+        return
+    if args.probe_model is not None:
+        probe_model(args)
         return
     # SIGINT and SIGTERM end training with a clean save: a shell starts background jobs with SIGINT
     # ignored (then Python installs no handler), and `kill` sends SIGTERM

@@ -6,6 +6,7 @@ The checkers are also fed planted mistakes, so a broken link or a bad override c
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -223,3 +224,17 @@ def test_planted_bad_overrides_are_reported(hydra_ctx):
     assert "schedule=nonexistent" in problems[2][0] and "steps=many" in problems[3][0]
     assert "schedule.begin" in problems[4][0] and "steps=30,many" in problems[5][0]
     assert "unknown flag --cfg" in problems[7][0] and "no_such_study" in problems[8][0]
+
+
+def test_the_docs_site_builds_strictly(tmp_path):
+    """`mkdocs build --strict` (the test extra installs mkdocs-material): a page missing from the nav, a broken
+    link between pages, a bad anchor or a theme error fails it; links out of docs/ are read on GitHub (info only)."""
+    mkdocs = Path(sys.executable).with_name("mkdocs")
+    if not mkdocs.exists():
+        pytest.skip("mkdocs is not installed: pip install -e '.[test]' installs it")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([str(mkdocs), "build", "--strict", "-q", "-d", str(tmp_path / "site")], cwd=root,
+                          capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "site" / "findings" / "index.html").exists()
+    assert "Instrument checks" in (tmp_path / "site" / "findings" / "index.html").read_text()

@@ -318,7 +318,7 @@ def test_probe_inside_training_logs_keeps_best_and_resumes(tmp_path, monkeypatch
     ts = load_script()
     out = tmp_path / "run"
     probe = ["--probe-every-minutes", "1e-6", "--probe-n", "4", "--probe-attribute-n", "1", "--min-snr", "5",
-             "--progress", "lines"]
+             "--progress", "lines", "--export-dtype", "fp32"]
     wall = time.monotonic()
     ts.main(["--out", str(out), *TINY, "--steps", "2", *probe])
     wall = time.monotonic() - wall
@@ -339,6 +339,17 @@ def test_probe_inside_training_logs_keeps_best_and_resumes(tmp_path, monkeypatch
     assert read_log(out / "model" / "probe.csv") == rows
     # probe time is not training time: training time and probe time add up to no more than the wall time
     assert float(rows[-1]["train_minutes"]) * 60 + sum(float(r["probe_seconds"]) for r in rows) <= wall + 1.0
+    # the probe of an exported model (a baseline for plot_probe): the best weights give that probe's rates and images
+    first_best = next(r for r in rows if float(r["score"]) == max(scores))
+    ts.main(["--out", str(tmp_path / "baseline"), "--probe-model", str(out / "best"), "--probe-n", "4",
+             "--probe-attribute-n", "1", "--device", "cpu"])
+    baseline = json.loads((tmp_path / "baseline" / "probe_baseline.json").read_text())
+    for k in ts.PROBE_KEYS:
+        assert baseline[k] == pytest.approx(float(first_best[k]), abs=1e-4, nan_ok=True), k
+    assert (tmp_path / "baseline" / "probe" / "baseline.png").read_bytes() == \
+        (out / "probe" / f"step_{int(first_best['step']):07d}.png").read_bytes()
+    with pytest.raises(SystemExit, match="not an exported model directory"):
+        ts.main(["--out", str(tmp_path / "x"), "--probe-model", str(tmp_path)])
 
     ts.main(["--out", str(out), *TINY, "--steps", "3", "--resume", *probe])
     again = read_log(out / "probe.csv")
