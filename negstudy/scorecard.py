@@ -88,8 +88,10 @@ class Check:
     source: str  # "quality" (quality.json beside the model) or "reader" (reader_agreement.json, held-out split)
     field: str  # the quality.json key, or the reader's decision ("object", "background", "attribute")
     says: str  # one line: what it measures and why a claim needs it
+    min_n: int = 0  # a reader check: the fewest sure decisions behind the rate
 
 
+MIN_SURE_PER_ATTRIBUTE = 20
 CHECKS = {c.key: c for c in (
     Check("negative_acts", 0.50, "quality", "object_removal",
           "an object negative at every step removes an unnamed object of its class: a negative acts on this model"),
@@ -109,12 +111,16 @@ CHECKS = {c.key: c for c in (
           "the reader's background decisions agree with labels by eye (held-out)"),
     Check("reader_attributes", READER_TARGETS["attribute"], "reader", "attribute",
           "the reader's attribute decisions agree with labels by eye (held-out)"),
+    *(Check(f"reader_{a}", READER_TARGETS["attribute"], "reader", f"attribute_{a}",
+            f"the reader says '{a}' on the held-out images labelled '{a}' by eye, over at least "
+            f"{MIN_SURE_PER_ATTRIBUTE} sure decisions", MIN_SURE_PER_ATTRIBUTE)
+      for a in ATTRIBUTES),
 )}
 SCREENED = "screened"  # checks a ratio claim needs only when the run screened its seeds with the reader
 CLAIM_CHECKS = {
     "noun_peak_step": ("negative_acts", SCREENED, "reader_objects"),
     "noun_peak_height": ("negative_acts", SCREENED, "reader_objects"),
-    "adjective_crossing": ("attribute_negative_acts", "<attributes>_drawn", SCREENED, "reader_attributes"),
+    "adjective_crossing": ("attribute_negative_acts", "<attributes>_drawn", SCREENED, "reader_attributes", "reader_<attributes>"),
     "attention_later": ("words_localize", "reader_objects"),
     "reverse_activation": ("negative_acts", "reader_objects"),
     "inducing": ("negative_acts",),
@@ -334,6 +340,10 @@ def reader_agreement(directory: Path | None, reader: str) -> tuple[dict, str]:
         rate = v.get("rate") if isinstance(v, dict) else v
         if isinstance(rate, (int, float)) and not (isinstance(v, dict) and v.get("n", 1) == 0):
             rates[decision] = float(rate)
+    for a, v in ((split.get("per_attribute") or {}).get(reader) or {}).items():  # scripts/reader_agreement.py
+        rates[f"attribute_{a}_n"] = float(v.get("n", 0))
+        if v.get("n", 0):
+            rates[f"attribute_{a}"] = float(v["rate"])
     return rates, shareable(path)
 
 
@@ -377,9 +387,13 @@ def _check(check: Check, quality: dict, quality_source: str, has_quality: bool, 
         return [CheckResult(check, v, v >= check.threshold, quality_source)]
     out = []
     for reader, (rates, source) in readers.items():
-        if check.field not in rates:
-            why = source if not rates else f"no {check.field} agreement in {source}"
-            out.append(CheckResult(check, None, False, why, reader))
+        sure = int(rates.get(f"{check.field}_n", 0))
+        if not rates:
+            out.append(CheckResult(check, None, False, source, reader))
+        elif check.min_n and sure < check.min_n:
+            out.append(CheckResult(check, None, False, f"{sure} sure decisions in {source}, fewer than {check.min_n}", reader))
+        elif check.field not in rates:
+            out.append(CheckResult(check, None, False, f"no {check.field} agreement in {source}", reader))
         else:
             v = rates[check.field]
             out.append(CheckResult(check, v, v >= check.threshold, source, reader))
@@ -430,13 +444,15 @@ def instrument(root: Path, targets: pd.DataFrame | None = None) -> Instrument:
 
 def claim_checks(key: str, screened: bool, attributes=()) -> tuple[str, ...]:
     """The checks claim ``key`` needs on a run: the reader's only where it read the claim's images (the ratio
-    claims: when the run screened its seeds); the attribute claim's drawn checks for the attributes it negated."""
+    claims: when the run screened its seeds); the attribute claim's per-attribute checks (drawn when named, read
+    by the reader) for the attributes it negated."""
     out, skip = [], False
     for k in CLAIM_CHECKS[key]:
         if k == SCREENED:
             skip = not screened
-        elif k == "<attributes>_drawn":
-            out += [f"{a}_drawn" for a in ATTRIBUTES if a in set(attributes)]
+        elif "<attributes>" in k:
+            if not skip:
+                out += [k.replace("<attributes>", a) for a in ATTRIBUTES if a in set(attributes)]
         elif not skip:
             out.append(k)
     return tuple(out)
@@ -474,7 +490,7 @@ def _ratio_measures(crit: pd.DataFrame) -> dict[str, Measure | str]:
                 f"{HIT_LIFT:g}) {neg}, never in {int(r.attention_never)} of {int(r.attention_n)}; the positive word "
                 f"reaches its own object in {int(r.positive_n - r.positive_never)} of {int(r.positive_n)} pair-seeds with "
                 f"that object; lags over {int(r.lag_n)} pair-seeds where both arrive",
-                unresolved=f"fewer than {MIN_UNITS} pair-seeds where both words' maps reach their regions")
+                unresolved=f"both_words_arrive (this run): fewer than {MIN_UNITS} pair-seeds where both words' maps reach their regions")
         elif pd.notna(r.get("attention_n", np.nan)):
             reached = (f"at step {r.attention_step_mean:.1f} (95 % CI {r.attention_step_low:.1f}..{r.attention_step_high:.1f}) "
                        f"of {n} calls where it does" if pd.notna(r.attention_step_mean) else "never")

@@ -42,6 +42,8 @@ def measure(directory: Path, clip=None) -> dict:
         sub = table[keep]
         out[split] = {name: ensemble.agreement(sub, [r for r, k in zip(rs, keep) if k]) for name, rs in readings.items()}
         out[split]["images"] = int(keep.sum())
+        out[split]["per_attribute"] = {name: ensemble.attribute_agreement(sub, [r for r, k in zip(rs, keep) if k])
+                                       for name, rs in readings.items()}
     second = directory / "second_labeller.csv"
     if second.exists():
         out["labellers"] = labellers(table, second)
@@ -84,6 +86,17 @@ def markdown(result: dict) -> str:
                 ur = "n/a" if a["labelled"] == 0 else f"{a['unsure_rate']:.1%}"
                 lines.append(f"| {name} | {d} | {rate} | {ci} | {a['n']} | {a['unsure']} | {ur} |")
         lines.append("")
+        per = result[split].get("per_attribute")
+        if per:
+            names = list(next(iter(per.values())))
+            lines += [f"Attribute decisions by the label ({split}): agreement over the reader's sure answers (n); a label "
+                      "the images rarely show rests on few decisions.", "",
+                      "| reader | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+            for name in READERS:
+                cells = [("n/a" if per[name][a]["n"] == 0 else f"{per[name][a]['rate']:.0%}") + f" ({per[name][a]['n']})"
+                         for a in names]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append("")
     if "labellers" in result:
         lab = result["labellers"]
         lines += [f"### Two labellers ({lab['images']} images labelled twice, blind to each other)", "",

@@ -4,6 +4,7 @@ planted images. The labelled set is tests/fixtures/generated (protocol in its RE
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -63,6 +64,14 @@ def test_default_reader_agrees_with_labels_on_holdout(labelled, clip):
         assert held[decision]["n"] >= 40, decision
         assert held[decision]["rate"] >= floor, (decision, held[decision])
         assert held[decision]["unsure_rate"] <= MAX_UNSURE_RATE[decision], (decision, held[decision])
+    # split by the label, the attribute decisions add up to the attribute row, and the shipped file is this measure
+    for split in ("tune", "holdout"):
+        for reader in ("oracle", "clip", "ensemble"):
+            per, total = result[split]["per_attribute"][reader], result[split][reader]["attribute"]
+            assert sum(v["n"] for v in per.values()) == total["n"] and sum(v["agree"] for v in per.values()) == total["agree"]
+            assert sum(v["unsure"] for v in per.values()) == total["unsure"]
+    shipped = json.loads((REPO / "negstudy" / "models" / "shapes" / "reader_agreement.json").read_text())
+    assert shipped["holdout"]["per_attribute"] == json.loads(json.dumps(result["holdout"]["per_attribute"]))
 
 
 # ----------------------------------------------------------------------------- machine independence

@@ -26,7 +26,7 @@ GOOD_QUALITY = {"object_recall": 0.97, "background_right": 0.96, "object_removal
                 "object_localization": 0.9, "images_with_unnamed_object": 0.3}
 
 
-def model(tmp_path, recall: float | None = 0.97, reader: dict | None = None, card: bool = False, **quality):
+def model(tmp_path, recall: float | None = 0.97, reader: dict | None = None, card: bool = False, per_attribute=None, **quality):
     """A model directory with quality.json (the instrument checks' rates: GOOD_QUALITY, updated by ``quality``), or
     only a card's quality table, or neither (recall None), and maybe reader_agreement.json."""
     d = tmp_path / "model"
@@ -38,7 +38,8 @@ def model(tmp_path, recall: float | None = 0.97, reader: dict | None = None, car
     elif recall is not None:
         (d / "quality.json").write_text(json.dumps({**GOOD_QUALITY, "object_recall": recall, **quality}))
     if reader is not None:
-        (d / "reader_agreement.json").write_text(json.dumps({"holdout": {"oracle": reader}, "tune": {}}))
+        holdout = {"oracle": reader, **({"per_attribute": {"oracle": per_attribute}} if per_attribute else {})}
+        (d / "reader_agreement.json").write_text(json.dumps({"holdout": holdout, "tune": {}}))
     return d
 
 
@@ -146,7 +147,8 @@ def test_attention_lag_is_instrument_limited_when_neither_words_map_concentrates
     job(tmp_path / "run", "0", model(tmp_path, reader=GOOD_READER), ratio=ratio_rows(4, 4, lambda p: bump(5, 0.07)),
         attention=attention)
     row = rows_by_claim(tmp_path / "run").filter(like="attention reaches", axis=0).iloc[0]
-    assert row.verdict == "inconclusive (instrument: fewer than 10 pair-seeds where both words' maps reach their regions)"
+    assert row.verdict == ("inconclusive (instrument: both_words_arrive (this run): fewer than 10 pair-seeds where both "
+                           "words' maps reach their regions)")
     assert row.measured.startswith("neither word's map concentrates on its region: the negative word reaches the "
                                    "concept's region (lift >= 2) in no pair-seed, never in 16 of 16")
     assert "the positive word reaches its own object in 0 of 16 pair-seeds" in row.measured
@@ -320,13 +322,18 @@ def attribute_ratio(pairs: int, seeds: int, negative_of) -> list[dict]:
 def test_each_claim_is_gated_by_its_own_checks(tmp_path):
     """The attribute crossing needs the attributes it negates drawn when named, and, where the run screened its seeds
     with the reader, the reader's attribute agreement; the object claims do not care about either."""
-    dark = model(tmp_path / "dark", reader={**GOOD_READER, "attribute": {"rate": 0.9, "n": 90}}, attribute_dark=0.0)
+    per_attribute = {"noisy": {"rate": 0.97, "n": 30}, "dark": {"rate": 1.0, "n": 5}}  # dark: too few sure decisions
+    dark = model(tmp_path / "dark", reader={**GOOD_READER, "attribute": {"rate": 0.9, "n": 90}}, per_attribute=per_attribute,
+                 attribute_dark=0.0)
     negated = lambda p: "dark" if p == 0 else "noisy"  # noqa: E731
     job(tmp_path / "dark" / "run", "0", dark, ratio=attribute_ratio(4, 4, negated) + ratio_rows(4, 4, lambda p: bump(5, 0.07)),
         screen=screen_rows(4, negated, "attribute", "screened"))
     rows = rows_by_claim(tmp_path / "dark" / "run")
-    assert rows.loc[ADJ, "verdict"] == "inconclusive (instrument: dark_drawn 0.0% < 80%; reader_attributes (oracle) 90.0% < 95%)"
-    assert rows.loc[ADJ, "checks"] == "attribute_negative_acts, noisy_drawn, dark_drawn, reader_attributes"
+    assert rows.loc[ADJ, "verdict"] == ("inconclusive (instrument: dark_drawn 0.0% < 80%; reader_attributes (oracle) 90.0% < 95%; "
+                                        "reader_dark (oracle) not measured: 5 sure decisions in model/reader_agreement.json, "
+                                        "fewer than 20)")
+    assert rows.loc[ADJ, "checks"] == ("attribute_negative_acts, noisy_drawn, dark_drawn, reader_attributes, reader_noisy, "
+                                       "reader_dark")
     assert rows.loc[NOUN_STEP, "verdict"] == "holds"  # its checks: a negative acts, the reader's objects
     # the same model, only "noisy" negated, under the paper's protocol (no reader read the ratio's seeds): a verdict
     job(tmp_path / "dark" / "paper", "0", dark, ratio=attribute_ratio(4, 4, lambda p: "noisy"),

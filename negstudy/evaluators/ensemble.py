@@ -336,6 +336,28 @@ def agreement(table, readings: Sequence[Reading]) -> dict[str, dict]:
     return out
 
 
+def attribute_agreement(table, readings: Sequence[Reading]) -> dict[str, dict]:
+    """Per attribute (and ``none``): of the images labelled with it by eye, how often the reader says it, over its
+    sure answers. Returns {attribute: {"agree", "n", "unsure", "rate", "lo", "hi"}}: the attribute agreement of
+    :func:`agreement` split by the label, so that an attribute the labelled images rarely show is seen to rest
+    on few decisions."""
+    from negstudy.critical import wilson
+
+    out = {}
+    for a in (*world.ATTRIBUTES, NONE):
+        agree = n = unsure = 0
+        for (_, row), r in zip(table.iterrows(), readings):
+            if row["attribute"].strip() != a:
+                continue
+            if r.attribute is None or r.attribute == UNSURE:
+                unsure += 1
+            else:
+                agree, n = agree + (r.attribute == a), n + 1
+        rate, lo, hi = wilson(agree, n)
+        out[a] = {"agree": agree, "n": n, "unsure": unsure, "rate": rate, "lo": lo, "hi": hi}
+    return out
+
+
 # ----------------------------------------------------------------------------- the studies' reader
 
 def concept_present(reading: Reading, negative: str) -> tuple[bool | None, np.ndarray | None]:
