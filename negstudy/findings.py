@@ -173,6 +173,16 @@ def supporting(directories: list[Path], variant: str = sc.DEFAULT_VARIANT) -> li
             lines += ["", f"Critical steps per pair and category (run {d.name}; steps of {int(crit.n_steps.max())} calls):", "",
                       shown.to_markdown(index=False)]
             done.add("critical")
+            screen = tb._read(d, "screen")
+            if not screen.empty and {"screened", "present", "unsure"} <= set(screen.columns):
+                rows = []
+                for r in screen.to_dict("records"):
+                    rows.append([r.get("prompt", "-"), r["negative"], r["category"], int(r["screened"]), int(r["present"]),
+                                 int(r["unsure"]), f"{r['present'] / r['screened']:.0%}" if r["screened"] else "-"])
+                lines += _section(f"Where the main job's screened seeds go (run {d.name}; per pair: seeds generated without the "
+                                  "negative, seeds where the reader saw the concept, unsure; the study sweeps up to "
+                                  "`sweep.max_seeds` of the present ones):",
+                                  ["prompt", "negative", "category", "screened", "present", "unsure", "yield"], rows)
         removal = tb._read(d, "removal")
         if "removal" not in done and not removal.empty and "start_step" in removal:
             rv = tb.removal_vs_start(removal)
