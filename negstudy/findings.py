@@ -126,9 +126,8 @@ def readme_block(table: pd.DataFrame, inst: sc.Instrument, sweeps: list[Sweep]) 
              "| claim (Ban et al.) | paper | measured here | n | verdict | n to decide |", "|---|---|---|---|---|---|"]
     for r in table.to_dict("records"):
         verdict = r["verdict"].split(" (")[0] if r["verdict"].startswith(sc.ABSENT) else r["verdict"]
-        if verdict.startswith(sc.INSTRUMENT + ": "):  # the failed checks' names here; values on the findings page
-            failed = verdict[len(sc.INSTRUMENT) + 2:-1].split("; ")
-            verdict = f"{sc.INSTRUMENT}: {', '.join(dict.fromkeys(f.split(' ')[0] for f in failed))})"
+        if r.get("failed checks"):  # the failed checks' names here; their values on the findings page
+            verdict = f"{sc.INSTRUMENT}: {r['failed checks']})"
         lines.append(f"| {_cell(r['claim'])} | {_cell(_short(r['paper'], 60))} | {_cell(_short(r['measured'], 70))} | {_cell(r['n'])} | "
                      f"{_cell(verdict)} | {_cell(r.get('n to decide', '-'))} |")
     lines += ["", f"Sweeps (jobs' time on {cpus}): {times}. Commands, rules, per-pair tables and what each verdict "

@@ -116,6 +116,7 @@ CHECKS = {c.key: c for c in (
             f"{MIN_SURE_PER_ATTRIBUTE} sure decisions", MIN_SURE_PER_ATTRIBUTE)
       for a in ATTRIBUTES),
 )}
+RUN_CHECK = "both_words_arrive"  # the attention lag's check on the run itself (Measure.unresolved)
 SCREENED = "screened"  # checks a ratio claim needs only when the run screened its seeds with the reader
 CLAIM_CHECKS = {
     "noun_peak_step": ("negative_acts", SCREENED, "reader_objects"),
@@ -426,7 +427,8 @@ def instrument(root: Path, targets: pd.DataFrame | None = None) -> Instrument:
         readers = list(dict.fromkeys(list(targets.evaluator.astype(str)) + [r for r in readers if r != "?"]))
     readers = readers or ["unknown"]
     mtexts, rtexts, results = [], [], {k: [] for k in CHECKS}
-    for c in configs or [{}]:
+    per_model = {json.dumps(c.get("model", {}), sort_keys=True, default=str): c for c in configs}  # jobs share a model
+    for c in list(per_model.values()) or [{}]:
         directory = model_dir(c.get("model", {}))
         quality, source = model_quality(directory)
         has_quality = directory is not None and (directory / "quality.json").exists()
@@ -490,7 +492,7 @@ def _ratio_measures(crit: pd.DataFrame) -> dict[str, Measure | str]:
                 f"{HIT_LIFT:g}) {neg}, never in {int(r.attention_never)} of {int(r.attention_n)}; the positive word "
                 f"reaches its own object in {int(r.positive_n - r.positive_never)} of {int(r.positive_n)} pair-seeds with "
                 f"that object; lags over {int(r.lag_n)} pair-seeds where both arrive",
-                unresolved=f"both_words_arrive (this run): fewer than {MIN_UNITS} pair-seeds where both words' maps reach their regions")
+                unresolved=f"{RUN_CHECK} (this run): fewer than {MIN_UNITS} pair-seeds where both words' maps reach their regions")
         elif pd.notna(r.get("attention_n", np.nan)):
             reached = (f"at step {r.attention_step_mean:.1f} (95 % CI {r.attention_step_low:.1f}..{r.attention_step_high:.1f}) "
                        f"of {n} calls where it does" if pd.notna(r.attention_step_mean) else "never")
@@ -634,7 +636,7 @@ def n_to_decide(m: Measure | str | None, edges: tuple[float, ...]) -> tuple[int,
 
 
 def _row(key: str, claim: str, paper: str, rule: str, m: Measure | str | None, v: str, source: str, sweep: str, checks=(),
-         edges: tuple[float, ...] = ()) -> dict:
+         edges: tuple[float, ...] = (), failed: list[CheckResult] = ()) -> dict:
     """m: the measure, a sentence saying why the run's tables cannot give it, or None (the table is absent)."""
     measured = isinstance(m, Measure)
     if v == ABSENT:
@@ -646,6 +648,8 @@ def _row(key: str, claim: str, paper: str, rule: str, m: Measure | str | None, v
             "n": f"{m.n_clusters} {clusters} x {m.n_units} {units}" if measured else "-", "verdict": v,
             "rule": rule, "checks": ", ".join(checks) or "-", "source": source,
             "n to decide": f"~{need[0]} {clusters} x {need[1]} {units}" if need else "-",
+            "failed checks": ", ".join(([RUN_CHECK] if measured and m.unresolved else []) + [r.check.key for r in failed])
+            if v.startswith(INSTRUMENT) else "",
             "value": m.value if measured else np.nan, "low": m.low if measured else np.nan, "high": m.high if measured else np.nan,
             "n_clusters": m.n_clusters if measured else 0, "n_units": m.n_units if measured else 0}
 
@@ -692,17 +696,19 @@ def scorecard(root: str | Path, variant: str = DEFAULT_VARIANT) -> tuple[pd.Data
     for c in CLAIMS:
         m = measures.get(c.key)
         keys = claim_checks(c.key, screened, attributes)
-        v = verdict(m, c.holds, c.fails, inst.failed(keys))
+        failed = inst.failed(keys)
+        v = verdict(m, c.holds, c.fails, failed)
         rows.append(_row(c.key, c.claim, c.paper, c.rule, m, v, f"{c.table}.parquet", c.sweep, keys,
-                         c.holds.edges + c.fails.edges))
+                         c.holds.edges + c.fails.edges, failed))
     removal = _removal(tables["removal_targets"]) if not tables["removal_targets"].empty else []
     keys = claim_checks("removal", True)
     for key, claim, paper, rule, holds, fails in REMOVAL_CLAIMS:
         found = [(label, m) for k, label, m in removal if k == key] or [(None, None)]
         for label, m in found:
-            v = verdict(m, holds, fails, inst.failed(keys))
+            failed = inst.failed(keys)
+            v = verdict(m, holds, fails, failed)
             rows.append(_row(f"removal_{key}", claim + (f" ({label})" if label else ""), paper, rule, m, v, "removal_targets.parquet",
-                             "+sweep=removal", keys, holds.edges + fails.edges))
+                             "+sweep=removal", keys, holds.edges + fails.edges, failed))
     return pd.DataFrame(rows), inst
 
 

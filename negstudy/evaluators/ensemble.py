@@ -338,9 +338,9 @@ def agreement(table, readings: Sequence[Reading]) -> dict[str, dict]:
 
 def attribute_agreement(table, readings: Sequence[Reading]) -> dict[str, dict]:
     """Per attribute (and ``none``): of the images labelled with it by eye, how often the reader says it, over its
-    sure answers. Returns {attribute: {"agree", "n", "unsure", "rate", "lo", "hi"}}: the attribute agreement of
-    :func:`agreement` split by the label, so that an attribute the labelled images rarely show is seen to rest
-    on few decisions."""
+    sure answers. Returns {attribute: {"agree", "n", "unsure", "rate", "lo", "hi"}} (rate, lo, hi None when n is 0:
+    JSON has no NaN): the attribute agreement of :func:`agreement` split by the label, so that an attribute the
+    labelled images rarely show is seen to rest on few decisions."""
     from negstudy.critical import wilson
 
     out = {}
@@ -353,7 +353,7 @@ def attribute_agreement(table, readings: Sequence[Reading]) -> dict[str, dict]:
                 unsure += 1
             else:
                 agree, n = agree + (r.attribute == a), n + 1
-        rate, lo, hi = wilson(agree, n)
+        rate, lo, hi = wilson(agree, n) if n else (None, None, None)
         out[a] = {"agree": agree, "n": n, "unsure": unsure, "rate": rate, "lo": lo, "hi": hi}
     return out
 
