@@ -79,6 +79,10 @@ def validate(cfg: DictConfig) -> None:
     for key in ("stride", "screen_seeds", "max_seeds"):
         if cfg.sweep[key] < 1:
             raise ConfigError(f"sweep.{key}={cfg.sweep[key]}: must be >= 1")
+    ratio_seeds = cfg.sweep.get("ratio_seeds")
+    if ratio_seeds is not None and ratio_seeds < cfg.sweep.max_seeds:
+        raise ConfigError(f"sweep.ratio_seeds={ratio_seeds}: must be >= sweep.max_seeds ({cfg.sweep.max_seeds}) or null "
+                          f"(the ratio's pair-seeds include the swept ones)")
     build(cfg.schedule, "schedule").plan(_n_calls_for(cfg))
     check_target(cfg.evaluator, "evaluator", ("world",))
     if "labels" in cfg.evaluator:

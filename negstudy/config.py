@@ -119,6 +119,7 @@ class SweepConfig:
     screen: bool = True  # screen seeds with the reader (negstudy's protocol); false: every seed of `seeds`, drawn or not (the paper's)
     screen_seeds: int = 16  # seeds screened per pair for the concept to appear without the negative
     max_seeds: int = 4  # seeds per pair entering the start-step sweep
+    ratio_seeds: Optional[int] = None  # critical_step: seeds per pair in the k = 0 run (the ratio); null: max_seeds
     min_seeds: int = 2  # pad with seeds lacking the concept (ratio curves only) up to this many
     layers: str = "down_up"  # cross-attention layers recorded: down_up (the paper's), all
     variant: str = "all_tokens"  # strength-ratio variant of the report: all_tokens (the paper's code), word_tokens

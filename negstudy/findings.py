@@ -179,8 +179,8 @@ def supporting(directories: list[Path], variant: str = sc.DEFAULT_VARIANT) -> li
                     rows.append([r.get("prompt", "-"), r["negative"], r["category"], int(r["screened"]), int(r["present"]),
                                  int(r["unsure"]), f"{r['present'] / r['screened']:.0%}" if r["screened"] else "-"])
                 lines += _section(f"Where the main job's screened seeds go (run {d.name}; per pair: seeds generated without the "
-                                  "negative, seeds where the reader saw the concept, unsure; the study sweeps up to "
-                                  "`sweep.max_seeds` of the present ones):",
+                                  "negative, seeds where the reader saw the concept, unsure; the ratio takes up to "
+                                  "`sweep.ratio_seeds` of the present ones, every start step the first `sweep.max_seeds`):",
                                   ["prompt", "negative", "category", "screened", "present", "unsure", "yield"], rows)
         removal = tb._read(d, "removal")
         if "removal" not in done and not removal.empty and "start_step" in removal:

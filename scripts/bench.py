@@ -884,13 +884,13 @@ def main(argv: list[str] | None = None) -> dict:
                 part("step sweep, fixed rows off", entry, "sweep_off", lambda: step_sweep(off, device))
         if args.options == "on" or (args.options == "auto" and not real):
             o_steps, o_images = ((3, 2) if name in ("sd2arch", *REAL) and device.type == "cpu"
-                                 else (min(10, steps), 4 if args.quick else batch))
+                                 else (4, 2) if args.quick else (min(10, steps), batch))  # --quick: the code path
             part("speed options", entry, "options",
-                 lambda: options(pipe, o_steps, args.option_images or o_images, repeats, device, args.compile))
+                 lambda: options(pipe, o_steps, args.option_images or o_images, 1 if args.quick else repeats, device, args.compile))
             on, no = entry["options"]["options"]["fixed rows (default)"], entry["options"]["options"]["fixed rows off"]
             entry["fixed_rows"] = dict(images=entry["options"]["images"], fixed_rows=cpu_fixed_rows(pipe.unet, sampler.latent_shape),
                                        wall_on_s=on["wall_s"], wall_off_s=no["wall_s"], wall_ratio=on["wall_s"] / no["wall_s"],
-                                       repeats=repeats, steps=o_steps)
+                                       repeats=entry["options"]["repeats"], steps=o_steps)
         entry["prefix_reuse"] = prefix_reuse_rows(NegativeSampler(pipe, steps=30).n_calls, 3)
         save()
         del pipe, sampler, off

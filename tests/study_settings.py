@@ -4,8 +4,8 @@ every study on a model that is not the shipped one (test_studies_any_model, test
 from pathlib import Path
 
 STUDIES = {
-    "critical_step": ["steps=4", "sweep.screen_seeds=2", "sweep.max_seeds=1", "sweep.min_seeds=1", "sweep.stride=2",
-                      "dataset.limit=1"],
+    "critical_step": ["steps=4", "sweep.screen_seeds=2", "sweep.max_seeds=1", "sweep.ratio_seeds=1", "sweep.min_seeds=1",
+                      "sweep.stride=2", "dataset.limit=1"],
     "reverse_activation": ["steps=4", "sweep.screen_seeds=2", "sweep.max_seeds=1", "sweep.stride=2", "dataset.limit=1"],
     "mechanisms": ["steps=4", "seeds=[0]", "dataset.limit=1", "mechanisms.screen_seeds=1", "mechanisms.max_extra=1",
                    "mechanisms.draws=1", "mechanisms.energy_steps=[1]"],

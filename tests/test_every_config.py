@@ -23,7 +23,7 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in (
 SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
 # the smallest settings, applied where the composed config has the key (steps 4 = 5 PNDM calls)
 TINY = {
-    "steps": 4, "seeds": [0], "batch_size": 8, "save_images": False, "logger": "none", "evaluator": "oracle",
+    "steps": 4, "seeds": [0], "batch_size": 8, "fixed_rows": 0, "save_images": False, "logger": "none", "evaluator": "oracle",
     "dataset.limit": 1, "dataset.shards": 1, "dataset.shard": 0,
     "sweep.stride": 2, "sweep.screen_seeds": 2, "sweep.max_seeds": 1, "sweep.min_seeds": 1,
     "mechanisms.screen_seeds": 0, "mechanisms.draws": 1, "mechanisms.energy_steps": [2],

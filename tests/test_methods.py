@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 
 TINY = ["steps=6", "sweep.screen_seeds=2", "sweep.stride=3", "sweep.study.removal_captions=1",
-        "sweep.study.removal_seeds=[0,1]", "logger=none", "dataset.limit=2", "fixed_rows=auto", "batch_size=8"]
+        "sweep.study.removal_seeds=[0,1]", "logger=none", "dataset.limit=2", "fixed_rows=0", "batch_size=8"]
 
 
 def negstudy(*args, cwd):

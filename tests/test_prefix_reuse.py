@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from negstudy.config import ModelConfig
 from negstudy.models import load_pipeline
-from negstudy.sampler import Batch, KeepStates, NegativeSampler
+from negstudy.records import to_uint8
+from negstudy.sampler import Batch, Hook, KeepStates, NegativeSampler
 from negstudy.schedules import FromStep, Never, Window
 from negstudy.tiny import tiny_pipeline
 
@@ -70,3 +71,42 @@ def test_a_snapshot_that_does_not_fit_is_refused(shapes):
         shapes.generate(Batch([PROMPT] * 2, [NEG] * 2, [3, 3], [FromStep(4).plan(n)] * 2, resume=[snap, keep.states[0][4]]))
     with pytest.raises(ValueError, match="another sampler"):
         NegativeSampler(shapes.pipe, steps=8).generate(Batch([PROMPT], [NEG], [3], [FromStep(2).plan(9)], resume=[snap]))
+
+
+class _Rows(Hook):
+    """Counts the UNet rows of the generate calls it sees."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def before_unet(self, step, rows):
+        self.rows += len(rows)
+
+
+def test_pairs_sharing_a_prompt_share_one_screen_image_and_its_states(shapes, monkeypatch):
+    """The screen generates each (prompt, seed) once whatever the negatives (the never schedule uses
+    none): three pairs on one prompt cost one image a seed, the image equals a separate run's bit for
+    bit, and its kept states continue each pair's own delayed negative into the fresh image."""
+    from negstudy.studies import screen_without_negative
+
+    n, seeds = shapes.n_calls, [3, 4]
+    negatives = ["sun", "kite", "noisy"]
+    items = [(neg, s) for neg in negatives for s in seeds]
+    counter = _Rows()
+    generate = shapes.generate
+    monkeypatch.setattr(shapes, "generate", lambda batch, hooks=(): generate(batch, [*hooks, counter]))
+    found = screen_without_negative(shapes, None, [PROMPT] * len(items), [neg for neg, _ in items],
+                                    ["object"] * len(items), [s for _, s in items], 8, keep=[2])
+    monkeypatch.undo()
+    assert counter.rows == 2 * n * len(seeds)  # two seeds: 2 rows a step each, not six images' worth
+    alone = shapes.generate(Batch([PROMPT], ["sun"], [4], [Never().plan(n)]))[0]
+    for (neg, seed), screened in zip(items, found):
+        assert np.array_equal(screened.image, found[seeds.index(seed)].image)
+        assert sorted(screened.states) == [2]
+    assert np.array_equal(found[1].image, to_uint8(alone[None])[0])  # seed 4 of the first pair
+    # each pair continues the shared state with its own negative: the fresh image of its own plan
+    plan = FromStep(2).plan(n)
+    for neg in ("kite", "noisy"):
+        i = items.index((neg, 4))
+        branched = shapes.generate(Batch([PROMPT], [neg], [4], [plan], resume=[found[i].states[2]]))
+        assert np.array_equal(branched[0], shapes.generate(Batch([PROMPT], [neg], [4], [plan]))[0]), neg

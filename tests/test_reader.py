@@ -24,10 +24,12 @@ sys.path.insert(0, str(REPO / "scripts"))
 # The targets are 98 % (objects), 97 % (backgrounds), 95 % (attributes), each unsure rate <= 10 %.
 # On the shipped model's 310 labelled images (116 held out) the default reader measured 100.0 %
 # (99.3 - 100 %, n 538, 6.6 % unsure) on objects and 98.2 % (93.6 - 99.5 %, n 109, 4.4 % unsure) on
-# backgrounds: pinned to the targets; attributes 94.4 % (87.6 - 97.6 %, n 90, 8.2 % unsure): under the
-# 95 % target, pinned at 94 % (a regression below what was measured fails).
-HOLDOUT_FLOOR = {"object": 0.98, "background": 0.97, "attribute": 0.94}
-MAX_UNSURE_RATE = {"object": 0.10, "background": 0.10, "attribute": 0.10}
+# backgrounds: pinned to the targets; attributes 97.7 % (92.0 - 99.4 %, n 87) with "dark" needing a
+# clean background (94.4 %, n 90, before that rule): pinned at 97 %, and its unsure rate 11.2 % (11 of
+# 98: the three images the rule took from a wrong "dark" to unsure) misses the 10 % target: pinned at
+# 12 % (a regression beyond what was measured fails).
+HOLDOUT_FLOOR = {"object": 0.98, "background": 0.97, "attribute": 0.97}
+MAX_UNSURE_RATE = {"object": 0.10, "background": 0.10, "attribute": 0.12}
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +218,23 @@ def test_colour_family_overrides_clip():
         o.colours = {"sun": rgb}
         states[rgb] = ensemble.combine(o, c).objects["sun"]
     assert list(states.values()) == [True, False, None], states
+
+
+def test_dark_needs_a_clean_background(labelled):
+    """"dark" is a clean image times 0.45: over speckle (the oracle's noise statistic in or above its
+    band, or unmeasurable) it is unsure. The tuning split's four noisy images that the oracle reads
+    dark (speckle over near-black or maroon) are unsure by the default rule, the oracle still says dark."""
+    objs = {n: False for n in world.OBJECT_NAMES}
+    c = ensemble.Reading(dict(objs), "night", NONE)
+    for noise, want in ((0.5, "dark"), (oracle.NOISE_STD_THRESHOLD - oracle.NOISE_STD_MARGIN - 0.1, "dark"),
+                        (oracle.NOISE_STD_THRESHOLD - oracle.NOISE_STD_MARGIN, UNSURE), (32.9, UNSURE), (float("nan"), UNSURE)):
+        o = ensemble.Reading(dict(objs), "night", "dark", diagnostics={"offset_norm": 5.0, "noise_std": noise})
+        assert ensemble.combine(o, c).attribute == want, noise
+    o = ensemble.Reading(dict(objs), "night", "noisy", diagnostics={"offset_norm": 5.0, "noise_std": float("nan")})
+    assert ensemble.combine(o, c).attribute == "noisy"  # the rule touches "dark" only
+    table, images = labelled
+    known = table.index[table.id.isin(["g027", "g062", "g126", "g297"])].tolist()
+    assert len(known) == 4 and set(table.loc[known, "split"]) == {"tune"} and set(table.loc[known, "attribute"]) == {"noisy"}
+    readings = ensemble.oracle_readings(images[known])
+    assert [r.attribute for r in readings] == ["dark"] * 4
+    assert [ensemble._attribute(r) for r in readings] == [UNSURE] * 4

@@ -47,7 +47,7 @@ def removal_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("removal")
     out = root / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "negstudy", *REMOVAL, "logger=none",  # one seed, 2 objects per shard (shipped_sweeps.py)
+        [sys.executable, "-m", "negstudy", *REMOVAL, "logger=none",  # one seed, 1 object per shard (shipped_sweeps.py)
          "removal.max_regenerations=2", "evaluator=oracle", f"hydra.sweep.dir={out}"],  # the tests re-read with the oracle
         capture_output=True, text=True, timeout=600, cwd=root,
     )
@@ -58,7 +58,7 @@ def removal_sweep(tmp_path_factory):
 def test_removal_sweep_runs_every_method_on_every_unnamed_object(removal_sweep):
     out, stdout = removal_sweep
     originals = pd.concat([pd.read_parquet(p) for p in sorted(out.glob("*/originals.parquet"))])
-    assert len(originals) == 4 and originals.judged.all()  # 4 captions x 1 seed over the two shards
+    assert len(originals) == 2 and originals.judged.all()  # 2 captions x 1 seed over the two shards
     for row in originals.itertuples():
         named = set(world.parse_caption(row.prompt).objects)
         targets = set(filter(None, row.targets.split(",")))
@@ -191,7 +191,7 @@ def paper_sweep(tmp_path_factory):
         proc = subprocess.run(
             [sys.executable, "-m", "negstudy", "+sweep=removal", "hydra.mode=RUN", "dataset.shards=1", "steps=10",
              "seeds=[0,1]", "dataset.limit=3", "logger=none", "save_images=false", "removal.protocol=paper",
-             "evaluator=judge", f"evaluator.base_url={server.base_url}", f"evaluator.cache_dir={root / 'cache'}",
+             "fixed_rows=0", "evaluator=judge", f"evaluator.base_url={server.base_url}", f"evaluator.cache_dir={root / 'cache'}",
              "evaluator.requests_per_minute=60000", f"hydra.run.dir={out}"],
             capture_output=True, text=True, timeout=600, cwd=root, env={**os.environ, "OPENAI_API_KEY": "not-a-real-key"},
         )

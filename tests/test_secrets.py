@@ -25,7 +25,7 @@ def _sweep(tmp_path, server, sweep_dir, *extra):
     return subprocess.run(
         # the "a view of X" captions: few unnamed objects each, so the judge's faults, not the UNet, set the time
         [sys.executable, "-m", "negstudy", "+sweep=removal", "steps=10", "seeds=[0,1,2]", VIEWS,
-         "evaluator=judge", f"evaluator.base_url={server.base_url}", f"evaluator.cache_dir={tmp_path / 'cache'}",
+         "fixed_rows=0", "evaluator=judge", f"evaluator.base_url={server.base_url}", f"evaluator.cache_dir={tmp_path / 'cache'}",
          "evaluator.timeout_s=2", "evaluator.requests_per_minute=60000",  # the judge's 60 a minute: ~40 s of waits
          "logger=wandb", f"hydra.sweep.dir={sweep_dir}", *extra],
         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,

@@ -201,13 +201,21 @@ def test_the_shipped_model_read_by_another_evaluator(evaluator, tmp_path, monkey
                      "evaluator.requests_per_minute=60000", "evaluator.labels=shapes"]
         run_app(monkeypatch, capsys, ["+sweep=critical_step", "logger=none", "save_images=false", "hydra.mode=RUN",
                                       "dataset.shards=1", f"hydra.run.dir={out}", *extra, "steps=20", "sweep.screen_seeds=3",
-                                      "sweep.max_seeds=1", "sweep.min_seeds=1", "sweep.stride=10", f"dataset.path={shapes_pairs}"])
+                                      "sweep.max_seeds=1", "sweep.min_seeds=1", "sweep.stride=10", f"dataset.path={shapes_pairs}",
+                                      "fixed_rows=0"])  # 6 images: 32-row blocks would be mostly padding
     screen = pd.read_parquet(out / "screen.parquet")
     assert set(screen.reader) == {evaluator} and screen.screened.tolist() == [3, 3]
     assert (out / "report" / "scorecard.csv").exists() and len(pd.read_parquet(out / "ratio.parquet"))
     limits = pd.read_parquet(out / "reader_limits.parquet").left_out.tolist()
     assert any("gives no region" in line for line in limits)
-    assert pd.read_parquet(out / "removal.parquet").concept_present.isin([True, False]).any()
+    removal, ratio = pd.read_parquet(out / "removal.parquet"), pd.read_parquet(out / "ratio.parquet")
+    assert removal.concept_present.isin([True, False]).any()
+    # the ratio takes every present seed (up to the overlay's ratio_seeds), every start step only the first max_seeds (1)
+    in_ratio, in_sweep = ratio.groupby("pair").seed.unique(), removal.groupby("pair").seed.unique()
+    for p, row in screen.set_index("pair").iterrows():
+        assert set(in_sweep[p]) <= set(in_ratio[p]) and len(in_sweep[p]) == 1
+        assert len(in_ratio[p]) == max(row.present, 1)  # padded to min_seeds (1) where none is present
+    assert screen.present.max() >= 2  # "noisy" on "a ball on the grass": the ratio has more pair-seeds than the sweep
 
 
 REAL = {"sd2_base": "NEGSTUDY_SD2_BASE", "sdxl": "NEGSTUDY_SDXL"}

@@ -22,6 +22,9 @@ missing capability, what a study leaves out with it (logged once and shown in th
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+
 import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -58,6 +61,12 @@ class StudyReader:
         ``words``, also the region of word i's object in image i (None to skip an image)."""
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def reusing(self):
+        """Inside: an image seen before is not read again where the reader's reading of an image answers
+        every concept (the shapes readers); a no-op for the others."""
+        yield self
+
 
 class Unread(StudyReader):
     """``evaluator=none`` where a study can go on without reading: every answer is None."""
@@ -74,13 +83,35 @@ class ShapesReader(StudyReader):
 
     def __init__(self, name: str, read: Callable[[np.ndarray], list], locates: bool):
         self.name, self.read, self.locates = name, read, locates
+        self._seen: dict[bytes, object] | None = None
+
+    @contextlib.contextmanager
+    def reusing(self):
+        """One reading per distinct image inside (e.g. a screen image shared by several pairs' negatives);
+        the images a call has not seen are read together, in their order."""
+        self._seen = {}
+        try:
+            yield self
+        finally:
+            self._seen = None
+
+    def _readings(self, images) -> list:
+        if self._seen is None:
+            return self.read(images)
+        images = np.asarray(images)
+        keys = [hashlib.sha1(np.ascontiguousarray(im).tobytes()).digest() for im in images]
+        new = list(dict.fromkeys(k for k in keys if k not in self._seen))
+        if new:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            self._seen.update(zip(new, self.read(images[[first[k] for k in new]])))
+        return [self._seen[k] for k in keys]
 
     def look(self, images, concepts, categories, words=None) -> list[Look]:
         from negstudy.evaluators.ensemble import concept_present
 
         words = list(words) if words is not None else [None] * len(images)
         found = []
-        for reading, concept, word in zip(self.read(images), concepts, words, strict=True):
+        for reading, concept, word in zip(self._readings(images), concepts, words, strict=True):
             present, region = concept_present(reading, concept)
             own = reading.masks.get(word) if word and reading.objects.get(word) else None
             found.append(Look(present, region if self.locates else None, own if self.locates else None))

@@ -109,8 +109,11 @@ def _generate(sampler: NegativeSampler, captions, negatives, seeds, schedule, ba
 
 
 def measure(sampler: NegativeSampler, n: int = 256, seed: int = 0, batch_size: int = 64, progress: bool = True,
-            clip=None) -> dict:
+            clip=None, negatives: tuple[str, ...] = ("object", "attribute")) -> dict:
     """Run the protocol above on ``n`` captions; return a flat dict of measured numbers.
+
+    ``negatives``: the kinds of unnamed concept whose removal is measured (``("object",)`` skips the
+    attribute negatives' images: a guard of the object rates only).
 
     ``clip``: a shapes-world ``ClipEvaluator`` (the shipped shapes CLIP) that reads the same images a
     second time: ``clip_*`` keys for object recall, unnamed objects, removal of the oracle's unnamed
@@ -141,7 +144,7 @@ def measure(sampler: NegativeSampler, n: int = 256, seed: int = 0, batch_size: i
 
     # negative "X" at every step, on the seeds where X appeared unnamed
     for kind, jobs in (("object", obj_jobs), ("attribute", attr_jobs)):
-        if not jobs:
+        if not jobs or kind not in negatives:
             continue
         idx = [i for i, _ in jobs]
         bar = tqdm(total=len(jobs), desc=f"negative {kind}", disable=not progress)

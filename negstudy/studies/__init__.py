@@ -148,37 +148,59 @@ class Screened:
     present: bool | None  # the negative's concept appears (None: the reader is unsure; counted, never guessed)
     region: Any  # bool (H, W) region of the concept where it is an object surely present and located, else None
     word_region: Any = None  # bool (H, W) region of the asked word's object (the prompt's own), else None
+    # step -> Snapshot of the image's trajectory (``keep``): shared by every item of one (prompt, seed), never
+    # consumed by a resume (negstudy.sampler.Batch.resume restores copies)
+    states: dict = field(default_factory=dict)
 
 
-def screen_without_negative(sampler, reader, prompts, negatives, categories, seeds, chunk: int, hooks=None,
+def screen_without_negative(sampler, reader, prompts, negatives, categories, seeds, chunk: int, keep=(),
                             words=None, desc: str = "screen (no negative)") -> list[Screened]:
     """Seed screening, written once for every study: does the negative's concept appear WITHOUT the
     negative? Each (prompt, negative, seed) is generated under the ``never`` schedule (plain CFG with
     the empty prompt; the negative is not used) and read by ``reader``
     (:class:`negstudy.evaluators.reader.StudyReader`; None: nothing is read, every ``present`` is
     None). ``categories``: object | attribute per item; ``words``: per item, a word whose object's
-    region is wanted too (the prompt's own object). ``chunk`` images per sampler call (and per
-    read); ``hooks(start, n)`` gives the hooks of the call that makes items start..start+n-1
-    (e.g. :class:`negstudy.sampler.KeepStates`). Returns one :class:`Screened` per item, in order."""
+    region is wanted too (the prompt's own object). Items that share a (prompt, seed) share one image:
+    the never schedule makes it whatever the negative (pairs with one prompt and several negatives
+    cost one screen image a seed; with fixed rows the image is the one a separate run gives, bit for
+    bit). ``chunk`` images per sampler call (and items per read); ``keep``: steps at which each
+    image's trajectory state is kept (``Screened.states``, for ``Batch.resume``). Returns one
+    :class:`Screened` per item, in order."""
+    import contextlib
+
+    import numpy as np
     from tqdm.auto import tqdm
 
     from negstudy.evaluators.reader import Look
     from negstudy.records import to_uint8
-    from negstudy.sampler import Batch
+    from negstudy.sampler import Batch, KeepStates
     from negstudy.schedules import Never
 
     never = Never().plan(sampler.n_calls)
     prompts, negatives, seeds = list(prompts), list(negatives), [int(s) for s in seeds]
     categories, words = list(categories), (list(words) if words is not None else None)
     chunk = max(1, int(chunk))
+    first: dict[tuple[str, int], int] = {}  # (prompt, seed) -> its first item
+    for i, key in enumerate(zip(prompts, seeds)):
+        first.setdefault(key, i)
+    unique = list(first.values())
+    images, states = {}, {}
+    with tqdm(total=len(unique), desc=desc, unit="img", leave=False) as bar:
+        for start in range(0, len(unique), chunk):
+            part = unique[start : start + chunk]
+            kept = KeepStates(keep) if keep else None
+            batch = Batch([prompts[i] for i in part], [negatives[i] for i in part], [seeds[i] for i in part], [never] * len(part))
+            for j, (i, image) in enumerate(zip(part, to_uint8(sampler.generate(batch, [kept] if kept else ())))):
+                images[i], states[i] = image, (kept.states.get(j, {}) if kept else {})
+            bar.update(len(part))
     found = []
-    with tqdm(total=len(prompts), desc=desc, unit="img", leave=False) as bar:
+    with reader.reusing() if reader is not None else contextlib.nullcontext():  # a shared image is read once
         for start in range(0, len(prompts), chunk):
-            part = slice(start, start + chunk)
-            batch = Batch(prompts[part], negatives[part], seeds[part], [never] * len(seeds[part]))
-            images = to_uint8(sampler.generate(batch, hooks(start, len(seeds[part])) if hooks else ()))
-            looks = (reader.look(images, negatives[part], categories[part], words[part] if words else None)
-                     if reader is not None else [Look(None)] * len(images))
-            found += [Screened(image, look.present, look.region, look.word_region) for image, look in zip(images, looks)]
-            bar.update(len(images))
+            part = range(start, min(start + chunk, len(prompts)))
+            of = [first[(prompts[i], seeds[i])] for i in part]
+            batch_images = np.stack([images[u] for u in of])
+            looks = (reader.look(batch_images, [negatives[i] for i in part], [categories[i] for i in part],
+                                 [words[i] for i in part] if words else None)
+                     if reader is not None else [Look(None)] * len(of))
+            found += [Screened(images[u], look.present, look.region, look.word_region, states[u]) for u, look in zip(of, looks)]
     return found

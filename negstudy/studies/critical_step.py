@@ -13,8 +13,10 @@ Per prompt pair (object or attribute negative), on any model, read by any evalua
    seeds) of every pair is swept, drawn or not; with ``evaluator=none`` nothing is read and only
    the strength ratio (Figure 3) and its critical step are measured (no plain image, no delayed
    start: their only use is the removal table, which needs a reader);
-2. sweep: for up to ``sweep.max_seeds`` seeds where it appears (padded with other seeds, up to
-   ``sweep.min_seeds``, for the attention curves only), the delayed negative from every start step
+2. sweep: k = 0 (the ratio and the attention) for up to ``sweep.ratio_seeds`` seeds where it
+   appears (default and at least ``sweep.max_seeds``; padded with other seeds, up to
+   ``sweep.min_seeds``, for the attention curves only); for the first ``sweep.max_seeds`` of them
+   (and the padding) the delayed negative from every start step
    k = stride, 2 stride, ... CONTINUES the screened trajectory from step k (the prefix is not
    recomputed; the images equal fresh runs, bit for bit with fixed rows), and k = 0 runs with
    cross-attention recorded in both branches: ordinary negative prompting, whose curves give the
@@ -99,34 +101,31 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, reader=None) -
     found: dict[int, list[tuple[int, bool | None]]] = {p: [] for p in range(len(pairs))}
     plain, states = {}, {}
     items = [(p, seed) for p in range(len(pairs)) for seed in seeds]
-    keeps: dict[int, KeepStates] = {}  # first item of a sampler call -> the states it kept
-
-    def keep_states(start: int, count: int) -> list:
-        keeps[start] = KeepStates(delayed)
-        return [keeps[start]]
-
     chunk = max(1, cfg.batch_size)
-    if reader is not None:
+    if reader is not None:  # pairs that share a prompt share its screen images (one per seed)
         results = screen_without_negative(sampler, reader, [pairs[p].prompt for p, _ in items],
                                           [pairs[p].negative for p, _ in items], [categories[p] for p, _ in items],
-                                          [seed for _, seed in items], chunk, keep_states,
+                                          [seed for _, seed in items], chunk, keep=delayed,
                                           words=[positive_word_of(pairs[p].prompt) for p, _ in items])
     else:
         results = [None] * len(items)
-    for i, ((p, seed), s) in enumerate(zip(items, results)):
+    for (p, seed), s in zip(items, results):
         found[p].append((seed, s.present if s is not None else None))
         plain[(p, seed)] = (s.image, s.present, s.region, s.word_region) if s is not None else (None, None, None, None)
-        states[(p, seed)] = keeps[i - i % chunk].states.get(i % chunk, {}) if s is not None else {}
+        states[(p, seed)] = s.states if s is not None else {}
+    ratio_seeds = max(int(sw.max_seeds), int(sw.get("ratio_seeds") or 0))
     screened = {}
     for p, pair_seeds in found.items():
         if screen_on:
-            present = [s for s, ok in pair_seeds if ok][: sw.max_seeds]
+            present = [s for s, ok in pair_seeds if ok][:ratio_seeds]
             padding = [s for s, ok in pair_seeds if ok is False][: max(0, sw.min_seeds - len(present))]
         else:  # the paper's protocol: every seed, drawn or not
             present, padding = [s for s, _ in pair_seeds], []
         screened[p] = (present, padding, sum(ok is True for _, ok in pair_seeds), sum(ok is None for _, ok in pair_seeds))
+    # k = 0 (ratio, attention) on up to ratio_seeds present seeds a pair; every start step on the first max_seeds
     jobs = [(p, seed) for p in screened for seed in screened[p][0] + screened[p][1]]
-    states = {key: states[key] for key in jobs}  # the other screened images' snapshots are freed
+    swept = [(p, seed) for p in screened for seed in screened[p][0][: sw.max_seeds] + screened[p][1]]
+    states = {key: states[key] for key in swept}  # the other screened images' snapshots are freed
     plain = {key: plain[key] for key in jobs}
 
     # 2. the start-step sweep. k = 0 (ordinary negative prompting) with cross-attention recorded in
@@ -136,7 +135,7 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, reader=None) -
     images_of.update({key: {} for key in jobs if key not in images_of})
     ratio_rows: dict[tuple[int, int], list[dict]] = {}
     attention_rows: dict[tuple[int, int], list[dict]] = {}
-    bar = tqdm(total=len(jobs) * max(1, len(starts) - 1), desc="start-step sweep", unit="img")
+    bar = tqdm(total=len(jobs) + len(swept) * len(delayed), desc="start-step sweep", unit="img")
     for part in _chunks(jobs, cfg.batch_size):
         words = sorted({w for p, _ in part for w in (pairs[p].negative, positive_word_of(pairs[p].prompt))})
         recorder = AttentionRecorder(sampler.unet, layers=sw.layers, words=words, maps=maps_kind)
@@ -175,9 +174,9 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, reader=None) -
         bar.update(len(part))
     for k in delayed:
         plan = FromStep(k).plan(n)
-        for part in _chunks(jobs, cfg.batch_size):
+        for part in _chunks(swept, cfg.batch_size):
             batch = Batch([pairs[p].prompt for p, _ in part], [pairs[p].negative for p, _ in part],
-                          [seed for _, seed in part], [plan] * len(part), resume=[states[key].pop(k) for key in part])
+                          [seed for _, seed in part], [plan] * len(part), resume=[states[key][k] for key in part])
             for key, image in zip(part, to_uint8(sampler.generate(batch))):
                 images_of[key][k] = image
             bar.update(len(part))
@@ -185,12 +184,14 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, reader=None) -
 
     # 3. tables, per (pair, seed) in the screen's order
     removal, ratios, attention = [], [], []
+    in_sweep = set(swept)
     for p, seed in jobs:
         pair, (_, plain_present, region, _) = pairs[p], plain[(p, seed)]
-        images = np.stack([images_of[(p, seed)][k] for k in starts])
-        if reader is not None:
-            looks = reader.look(images, [pair.negative] * len(starts), [pair.category] * len(starts))
-            for k, image, look in zip(starts, images, looks):
+        ks = [k for k in starts if k in images_of[(p, seed)]]  # every start where swept; else k = 0 and the plain image
+        images = np.stack([images_of[(p, seed)][k] for k in ks])
+        if reader is not None and (p, seed) in in_sweep:  # removal against k: the swept pair-seeds, every k
+            looks = reader.look(images, [pair.negative] * len(ks), [pair.category] * len(ks))
+            for k, image, look in zip(ks, images, looks):
                 removal.append({
                     "pair": p, "prompt": pair.prompt, "negative": pair.negative, "category": pair.category, "seed": seed,
                     "present_without_negative": plain_present, "start_step": k, "concept_present": look.present,
@@ -198,7 +199,7 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, reader=None) -
                 })
         if cfg.save_images:
             save_png(np.concatenate(list(images), axis=1), out_dir / "strips" / f"{name(p, seed)}.png",
-                     {"prompt": pair.prompt, "negative": pair.negative, "seed": seed, "start_steps": starts})
+                     {"prompt": pair.prompt, "negative": pair.negative, "seed": seed, "start_steps": ks})
         ratios += ratio_rows[(p, seed)]
         attention += attention_rows[(p, seed)]
     screen = pd.DataFrame([{"pair": p, "prompt": pairs[p].prompt, "negative": pairs[p].negative,
