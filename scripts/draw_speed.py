@@ -5,7 +5,8 @@
 One batch of 32 images (the main job's batch_size) with the negative from step 0, fixed-row blocks
 of 32 (its fixed_rows), 30 PNDM steps (31 calls, 2 rows an image a call), after a warm-up batch of
 4. Machines of one kind differ up to 2x: a time measured on one draw compares with another draw's
-through this number (docs/performance.md names it next to the main job's times).
+through this number (docs/performance.md names it next to the main job's times). Also the shapes
+world's own sampler (the training data: sample_dataset, 4000 images, numpy), in images/s.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def main(argv=None) -> float:
     rate = 2 * n * args.batch / (time.perf_counter() - start)
     print(f"{rate:.1f} UNet rows/s (shapes model, batch {args.batch}, fixed rows {args.fixed_rows}, "
           f"{torch.get_num_threads()} torch threads, {cpu_name()})")
+    from negstudy.shapes.world import sample_dataset
+
+    sample_dataset(50, 0)  # warm caches
+    start = time.perf_counter()
+    sample_dataset(4000, 1)
+    print(f"{4000 / (time.perf_counter() - start):.0f} world images/s (negstudy.shapes.world.sample_dataset)")
     return rate
 
 
