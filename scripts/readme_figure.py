@@ -6,7 +6,8 @@
 
 From a run (a job or a multirun directory): the top of ``report/report.html`` (the scorecard, then the
 Figure 2 strips), as headless Chromium shows it in a 1280 px window, scaled to --width. The report is
-rebuilt first (``negstudy.report.build``: tables and figures only, no model runs) when it is missing.
+rebuilt first (``negstudy.report.build``: tables and figures only, no model runs), so that it quotes
+today's quality.json and reader_agreement.json.
 
 ``--samples`` draws no report page: it feeds the report's own Figure 2 renderer
 (``negstudy.report_html.fig_strips``) with real samples of the shipped model from
@@ -38,14 +39,13 @@ def chromium() -> str:
 
 
 def from_run(run: Path, out: Path, width: int) -> Path:
-    """Screenshot the top of the run's report.html (built first if missing) into ``out``."""
+    """Screenshot the top of the run's report.html (rebuilt first: the report a run wrote when it ended
+    quotes the model's and the reader's files as they were then) into ``out``."""
     from PIL import Image
 
-    page = run / "report" / "report.html"
-    if not page.exists():
-        from negstudy import report
+    from negstudy import report
 
-        page = report.build(run)
+    page = report.build(run)
     with tempfile.TemporaryDirectory() as tmp:
         shot = Path(tmp) / "shot.png"
         subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
