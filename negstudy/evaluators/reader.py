@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-
 import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -100,10 +99,12 @@ class ShapesReader(StudyReader):
             return self.read(images)
         images = np.asarray(images)
         keys = [hashlib.sha1(np.ascontiguousarray(im).tobytes()).digest() for im in images]
-        new = list(dict.fromkeys(k for k in keys if k not in self._seen))
-        if new:
-            first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            self._seen.update(zip(new, self.read(images[[first[k] for k in new]])))
+        unseen: dict[bytes, int] = {}  # key -> its first image in this call
+        for i, k in enumerate(keys):
+            if k not in self._seen:
+                unseen.setdefault(k, i)
+        if unseen:
+            self._seen.update(zip(unseen, self.read(images[list(unseen.values())])))
         return [self._seen[k] for k in keys]
 
     def look(self, images, concepts, categories, words=None) -> list[Look]:

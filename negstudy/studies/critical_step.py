@@ -48,7 +48,7 @@ from negstudy.datasets import pairs_of
 from negstudy.figures import positive_word_of, save_word_maps
 from negstudy.records import save_png, slug, to_uint8, write_table
 from negstudy.studies import StudyReport, Summary, note_limits, reader_for, screen_without_negative
-from negstudy.sampler import Batch, KeepStates, NegativeSampler
+from negstudy.sampler import Batch, NegativeSampler
 from negstudy.schedules import FromStep
 from negstudy.evaluators.reader import require_reader
 from negstudy.shapes.quality import psnr_outside
