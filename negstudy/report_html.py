@@ -43,6 +43,8 @@ table{border-collapse:collapse;font-size:.82rem}td,th{border:1px solid #ccc;padd
 th{background:#f4f4f4;text-align:left}
 .scorecard{border:2px solid #888;border-radius:6px;padding:.4rem 1rem;margin:1rem 0;overflow-x:auto;max-width:100%;box-sizing:border-box}
 .scorecard h2{margin-top:.6rem}.scorecard pre{white-space:pre-wrap;overflow-wrap:anywhere}
+.scorecard table{width:100%}.scorecard td{overflow-wrap:anywhere}.scorecard th.claim{width:28%}.scorecard th.verdict{width:28%}.scorecard th.n{width:9%}
+.scorecard details summary{cursor:pointer;color:#555;font-size:.8rem}.scorecard details.how{margin:.6rem 0}.scorecard details.how summary{font-size:.9rem}
 p,li{overflow-wrap:anywhere}
 """
 
@@ -582,7 +584,16 @@ def page(root: Path, out: Path, intro: str, sections: list[tuple[str, pd.DataFra
                     "no object to remove).</p>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
             f"<title>negstudy report</title><style>{CSS}</style></head><body><h1>negstudy report</h1>"
-            f"<p>{html.escape(intro)}</p>{''.join(body)}</body></html>")
+            f"{_intro_html(intro)}{''.join(body)}</body></html>")
+
+
+def _intro_html(intro: str) -> str:
+    """The report's first line visible, its rules and intervals folded (the scorecard comes next)."""
+    head, sep, rules = intro.partition(" Rules: ")
+    if not sep:
+        return f"<p>{html.escape(intro)}</p>"
+    return (f"<p>{html.escape(head)} <details style='display:inline'><summary>Rules, intervals, pooling</summary>"
+            f"{html.escape('Rules: ' + rules)}</details></p>")
 
 
 def _mechanism_caption(root: Path, key: str) -> str:

@@ -357,12 +357,15 @@ class CheckResult:
     passed: bool
     where: str  # the file the value comes from, or why there is none
     reader: str = ""
+    sure: int | None = None  # a reader check with too few sure decisions: how many there were
 
     @property
     def failure(self) -> str:
         """The verdict's parenthesis when the check fails: the check, its value and threshold."""
         c = self.check
         who = f" ({self.reader})" if self.reader else ""
+        if self.value is None and self.sure is not None:
+            return f"{c.key}{who} {self.sure} sure decisions < {c.min_n}"
         if self.value is None:
             return f"{c.key}{who} not measured: {self.where}"
         return f"{c.key}{who} {self.value:.1%} < {c.threshold:.0%}"
@@ -392,7 +395,7 @@ def _check(check: Check, quality: dict, quality_source: str, has_quality: bool, 
         if not rates:
             out.append(CheckResult(check, None, False, source, reader))
         elif check.min_n and sure < check.min_n:
-            out.append(CheckResult(check, None, False, f"{sure} sure decisions in {source}, fewer than {check.min_n}", reader))
+            out.append(CheckResult(check, None, False, f"{sure} sure decisions in {source}, fewer than {check.min_n}", reader, sure))
         elif check.field not in rates:
             out.append(CheckResult(check, None, False, f"no {check.field} agreement in {source}", reader))
         else:
@@ -752,19 +755,44 @@ html_fragment = scorecard_html  # the name negstudy.report_html looks for
 
 
 def _html(table: pd.DataFrame, inst: Instrument, root: Path) -> str:
+    """A table that fits the page (claim, paper, measured, n, verdict; each row's rule and checks fold
+    under its claim), then the verdict rules and the instrument checks folded below it: one line of
+    pass / fail counts, a table of check, value, threshold and source when opened."""
     colours = {HOLDS: "#d7f5d7", FAILS: "#f8d4d4", OPEN: "#fff3c4", INSTRUMENT: "#fff3c4"}
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in SHOWN)
-    body = []
+    esc = html.escape
+    head = "".join(f"<th class='{c}'>{esc(c)}</th>" for c in ("claim", "paper", "measured", "n", "verdict"))
+    body, absent = [], []
     for r in table.to_dict("records"):
         verdict = r["verdict"]
+        if verdict.startswith(ABSENT):  # one line under the table, not a row each: a study's run shows its own claims
+            absent.append(f"{r['claim']} {verdict[len(ABSENT):].strip()}")
+            continue
         colour = next((v for k, v in colours.items() if verdict.startswith(k) and verdict[len(k):len(k) + 1] in ("", ":")),
                       "#eeeeee")
-        cells = "".join(f"<td>{html.escape(str(r[c]))}</td>" if c != "verdict" else
-                        f"<td style='background:{colour}'><b>{html.escape(verdict)}</b></td>" for c in SHOWN)
-        body.append(f"<tr>{cells}</tr>")
-    notes = "".join(f"<p>{html.escape(h)}</p>" for h in _header(root, inst))
-    return (f"<h2>Replication scorecard</h2>{notes}"
-            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+        more = f"<br><small>n to decide: {esc(r['n to decide'])}</small>" if r["n to decide"] != "-" else ""
+        fold = (f"<details><summary>rule, checks</summary><small>{esc(r['rule'])}<br>checks: {esc(r['checks'])}"
+                "</small></details>")
+        body.append(f"<tr><td>{esc(r['claim'])}{fold}</td><td>{esc(r['paper'])}</td><td>{esc(r['measured'])}</td>"
+                    f"<td>{esc(r['n'])}</td><td style='background:{colour}'><b>{esc(verdict)}</b>{more}</td></tr>")
+    header = _header(root, inst)
+    results = list(inst.checks.values())
+    fails = [r for r in results if not r.passed]
+    rows = "".join(
+        f"<tr><td>{esc(r.check.key)}{esc(f' ({r.reader})' if r.reader else '')}</td>"
+        f"<td>{'-' if r.value is None else f'{r.value:.1%}'}</td><td>&gt;= {r.check.threshold:.0%}</td>"
+        f"<td>{'passes' if r.passed else '<b>FAILS</b>'}</td><td><small>{esc(r.check.says)}; {esc(r.where)}</small></td></tr>"
+        for r in results)
+    summary = (f"How verdicts are given; instrument checks: {len(results) - len(fails)} pass, {len(fails)} fail"
+               + (f" ({', '.join(r.check.key for r in fails)})" if fails else ""))
+    shown = header[0].partition(". Model: ")[2] or header[0]  # the report's first line names the run already
+    return (f"<h2>Replication scorecard</h2><p>Model: {esc(shown)}</p>"
+            f"<table class='card'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            + (f"<p class='absent'><small>{esc(ABSENT.capitalize())}: {esc('; '.join(absent))}.</small></p>" if absent else "")
+            +
+            f"<details class='how'><summary>{esc(summary)}</summary>"
+            + "".join(f"<p>{esc(h)}</p>" for h in header[1:-1])
+            + "<table class='checks'><thead><tr><th>check</th><th>value</th><th>threshold</th><th>result</th>"
+              f"<th>what it measures; source</th></tr></thead><tbody>{rows}</tbody></table></details>")
 
 
 def write(root: str | Path, out: str | Path | None = None, variant: str = DEFAULT_VARIANT) -> str:

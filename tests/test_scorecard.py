@@ -1,6 +1,7 @@
 """The replication scorecard on planted run directories: tables with the studies' real column names,
 a config.yaml naming the model, and the model's card / quality / reader-agreement files. No model runs."""
 
+import html
 import json
 import re
 from pathlib import Path
@@ -288,7 +289,16 @@ def test_report_build_writes_the_scorecard(tmp_path):
     assert "replication scorecard (report/scorecard.md): not measured in this run 8, holds 2" in \
         report.summary_lines(tmp_path)
     fragment = scorecard.scorecard_html(tmp_path)
-    assert fragment.startswith("<h2>Replication scorecard</h2>") and fragment.count("<tr>") == 1 + len(scorecard.CLAIMS) + 2
+    assert fragment.startswith("<h2>Replication scorecard</h2>")
+    # the table holds the claims this run measured; the others are one line under it; the checks fold below
+    card, rest = fragment.split("<table class='card'>")[1].split("</table>", 1)
+    assert card.count("<tr>") == 1 + 2 and "peaks early" in card
+    absent = rest.split("<p class='absent'>")[1].split("</p>")[0]
+    table, inst = scorecard.scorecard(tmp_path)
+    unmeasured = table[table.verdict.str.startswith(scorecard.ABSENT)]
+    assert len(unmeasured) == len(table) - 2 and all(html.escape(c) in absent and html.escape(c) not in card for c in unmeasured.claim)
+    checks = rest.split("<details class='how'>")[1]
+    assert checks.count("<tr>") == 1 + len(inst.checks) and "reader not validated" in checks
     for name in ("scorecard.md", "report.md", "report.html"):  # a shared report carries no path of this machine
         assert str(tmp_path) not in (tmp_path / "report" / name).read_text()
 
@@ -330,8 +340,7 @@ def test_each_claim_is_gated_by_its_own_checks(tmp_path):
         screen=screen_rows(4, negated, "attribute", "screened"))
     rows = rows_by_claim(tmp_path / "dark" / "run")
     assert rows.loc[ADJ, "verdict"] == ("inconclusive (instrument: dark_drawn 0.0% < 80%; reader_attributes (oracle) 90.0% < 95%; "
-                                        "reader_dark (oracle) not measured: 5 sure decisions in model/reader_agreement.json, "
-                                        "fewer than 20)")
+                                        "reader_dark (oracle) 5 sure decisions < 20)")
     assert rows.loc[ADJ, "checks"] == ("attribute_negative_acts, noisy_drawn, dark_drawn, reader_attributes, reader_noisy, "
                                        "reader_dark")
     assert rows.loc[NOUN_STEP, "verdict"] == "holds"  # its checks: a negative acts, the reader's objects
