@@ -363,15 +363,19 @@ OPTIONS = {  # name -> sampler settings and UNet memory format; the first is the
 }
 
 
-def options(pipe, steps: int, images: int, repeats: int, device, compile_unet: bool = False) -> dict:
-    """Rows per second of the sampler under each speed option, on one batch of ``images`` seeds (``always``).
+QUICK_SKIPS = ("bf16 autocast, fixed rows 16",)  # --quick on a CPU: bf16 runs ~2-5 rows/s there; one bf16 option shows the code path
+
+
+def options(pipe, steps: int, images: int, repeats: int, device, compile_unet: bool = False, skip=()) -> dict:
+    """Rows per second of the sampler under each speed option (but those named in ``skip``), on one batch of
+    ``images`` seeds (``always``).
 
     Interleaved repeats, medians of wall and process CPU time (CPU time is steadier on a shared
     machine); ratios against the first option measured in the same run; max |pixel difference|
     from its images; whether the images are byte-identical to the same option's images generated
     one by one (batch-size independence).
     """
-    opts = dict(OPTIONS)
+    opts = {k: v for k, v in OPTIONS.items() if k not in skip}
     if compile_unet:
         opts["torch.compile (inductor)"] = dict(compile=True)
     prompts = [PROMPT, *PROMPTS]
@@ -782,7 +786,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="sd2/sdxl: cap of the largest-batch search in images (default 256 sd2, 64 sdxl)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="seconds after which the parts not yet started are skipped (each model's run keeps what it has)")
-    ap.add_argument("--quick", action="store_true", help="fewer steps, repeats and images: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="fewer steps, repeats and images (on a CPU without the bf16 + 16-row option): a smoke run")
     ap.add_argument("--out", type=Path, default=None,
                     help="also write the JSON here (rewritten after each measured part, so a killed run keeps its figures)")
     ap.add_argument("--report", type=Path, nargs="+", default=None,
@@ -886,7 +890,8 @@ def main(argv: list[str] | None = None) -> dict:
             o_steps, o_images = ((3, 2) if name in ("sd2arch", *REAL) and device.type == "cpu"
                                  else (4, 2) if args.quick else (min(10, steps), batch))  # --quick: the code path
             part("speed options", entry, "options",
-                 lambda: options(pipe, o_steps, args.option_images or o_images, 1 if args.quick else repeats, device, args.compile))
+                 lambda: options(pipe, o_steps, args.option_images or o_images, 1 if args.quick else repeats, device, args.compile,
+                                 skip=QUICK_SKIPS if args.quick and device.type == "cpu" else ()))
             on, no = entry["options"]["options"]["fixed rows (default)"], entry["options"]["options"]["fixed rows off"]
             entry["fixed_rows"] = dict(images=entry["options"]["images"], fixed_rows=cpu_fixed_rows(pipe.unet, sampler.latent_shape),
                                        wall_on_s=on["wall_s"], wall_off_s=no["wall_s"], wall_ratio=on["wall_s"] / no["wall_s"],

@@ -56,7 +56,7 @@ def test_named_object_appears_with_the_sd2_scheduler(sampler):
     assert sum(v.background == "sand" for v in verdicts) >= 3
 
 
-N = 32  # captions re-measured (the card: 512)
+N = 24  # captions re-measured (the card: 512)
 
 
 @pytest.mark.slow
@@ -68,6 +68,6 @@ def test_measured_quality_holds(sampler):
     assert "attribute_removal" not in r and r["object_removal_n"] > 0
     card = json.loads((MODEL / "quality.json").read_text())  # n = 512
     # each bound sits at least 2.5 binomial standard deviations (n = N) below the card's rate
-    for key, bound in (("object_recall", 0.69), ("background_right", 0.82), ("caption_exact", 0.55), ("object_removal", 0.30)):
+    for key, bound in (("object_recall", 0.67), ("background_right", 0.82), ("caption_exact", 0.55), ("object_removal", 0.30)):
         assert card[key] - bound >= 2.5 * (card[key] * (1 - card[key]) / N) ** 0.5, key
         assert r[key] >= bound, (key, r[key])
