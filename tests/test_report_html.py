@@ -171,3 +171,28 @@ def test_attention_grid_marks_the_step_where_the_negative_word_reaches_the_regio
     assert len(boxed) == 1 and boxed[0].get_title() == ""  # the negative row's cell of window 5-9
     np.savez(tmp_path / "never.npz", negative=np.ones_like(neg), **common)
     assert report_html.grid_from_maps(tmp_path / "never.npz", None, hit_lift=2.0)[1] is None
+
+
+def test_readme_figure_from_the_main_job_shows_the_scorecard_then_the_strips(main_job, tmp_path):
+    """scripts/readme_figure.py on the run: the report rebuilt and seen by headless Chromium, at the
+    asked width; the page it shoots keeps the scorecard compact (one table row per claim measured, the
+    instrument checks folded) so that the strips come next."""
+    import importlib.util as iu
+
+    from PIL import Image
+
+    out, _ = main_job
+    from pathlib import Path
+
+    spec = iu.spec_from_file_location("readme_figure", Path(__file__).parents[1] / "scripts" / "readme_figure.py")
+    fig = iu.module_from_spec(spec)
+    spec.loader.exec_module(fig)
+    png = fig.from_run(out, tmp_path / "fig.png", 480)
+    with Image.open(png) as im:
+        assert im.width == 480 and im.height > 300
+        pixels = np.asarray(im.convert("L"), dtype=float)
+    assert pixels.std() > 10  # drawn, not blank
+    page = (out / "report" / "report.html").read_text()
+    card = page.split("<table class='card'>")[1].split("</table>")[0]
+    assert 1 <= card.count("<tr>") - 1 <= 4  # the ratio claims this run measured, not every claim
+    assert page.index("<details class='how'>") < page.index("Image strips")
