@@ -592,8 +592,8 @@ def _intro_html(intro: str) -> str:
     head, sep, rules = intro.partition(" Rules: ")
     if not sep:
         return f"<p>{html.escape(intro)}</p>"
-    return (f"<p>{html.escape(head)} <details style='display:inline'><summary>Rules, intervals, pooling</summary>"
-            f"{html.escape('Rules: ' + rules)}</details></p>")
+    return (f"<p>{html.escape(head)}</p><details><summary>Rules, intervals, pooling</summary>"
+            f"<p>{html.escape('Rules: ' + rules)}</p></details>")
 
 
 def _mechanism_caption(root: Path, key: str) -> str:
