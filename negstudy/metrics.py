@@ -35,7 +35,6 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 log = logging.getLogger("negstudy")
 
@@ -86,6 +85,8 @@ def background_scores_batch(references: np.ndarray, edited: np.ndarray, masks=No
     sigma = ssim_sigma(h, w)
     dilate = default_dilate(h, w) if dilate is None else int(dilate)
     soften = default_soften(h, w) if soften is None else float(soften)
+
+    from torchmetrics.functional.image import structural_similarity_index_measure  # ~2.7 s to import: not at startup
 
     rows = []
     chunk = max(1, PIXEL_BUDGET // (h * w))
@@ -156,6 +157,8 @@ def _blur(region: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def _psnr(preds: torch.Tensor, target: torch.Tensor) -> float:
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     return float(peak_signal_noise_ratio(preds, target, data_range=255.0))
 
 

@@ -130,3 +130,12 @@ def test_a_three_module_cycle_is_one_component(tmp_path):
     write(tmp_path, {"pkg/__init__.py": "", "pkg/a.py": "import pkg.b\n", "pkg/b.py": "from pkg import c\n",
                      "pkg/c.py": "def f():\n    import pkg.a\n", "pkg/d.py": "import pkg.a\n"})
     assert cycles(import_graph(tmp_path, "pkg")) == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+def test_a_job_starts_without_the_metrics_library():
+    """torchmetrics costs ~2.7 s of CPU to import (it loads every domain's functions): a job, its report
+    and the removal study's module start without it; the removal scores import it when they first run."""
+    code = ("import sys; import negstudy.__main__; from negstudy import generate, report; from negstudy.studies import removal; "
+            "print('torchmetrics' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
