@@ -7,19 +7,23 @@
 # PROFILE=decide runs the studies of the claims still "inconclusive at this n" at the n their
 # "n to decide" column asks for (docs/findings.md), each as the same two-shard multirun (a cluster
 # raises dataset.shards): reverse activation on 6 pairs x 32 seeds where the negative's object is
-# absent (192 pair-seeds; ~32 min here), removal on all 12 captions of shapes_removal x 36 seeds
-# (the preference rows need ~12-13 captions; ~18 min here). The fixed window's rate sits 2 points
-# from its band's edge (~600 captions): no profile here decides it.
+# absent (192 pair-seeds: 0 appearances put the Wilson bound under the rule's 2 %; 71 min on a 2-core
+# AMD EPYC at 46 UNet rows/s), removal on the 24 captions of dataset=shapes_removal_all x 36 seeds
+# (12 captions took 28 min there and decided the preference rows; the adaptive window's ratio needs
+# ~21 captions; 24: ~55 min, projected). The fixed window's ratio sits 5 points from its band's edge
+# (~53 captions): a cluster's job (dataset.shards).
 #   PROFILE=decide SWEEPS="reverse_activation removal" bash scripts/run_findings.sh outputs/decide
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-outputs/findings}
 mkdir -p "$out"
 grep -m1 "model name" /proc/cpuinfo > "$out/cpu.txt" || true
+# the draw's speed beside the CPU's name (machines of this kind differ up to 2x): the shapes UNet's rows/s
+OMP_NUM_THREADS=2 .venv/bin/python scripts/draw_speed.py 2>/dev/null | grep "rows/s" >> "$out/cpu.txt" || true
 decide() {  # the profile's overrides of one sweep
   case "${PROFILE:-}:$1" in
     decide:reverse_activation) echo "sweep.screen_seeds=64 sweep.max_seeds=32" ;;
-    decide:removal) echo "dataset.limit=12" ;;
+    decide:removal) echo "dataset=shapes_removal_all dataset.limit=null" ;;
   esac
 }
 for sweep in ${SWEEPS:-critical_step removal reverse_activation mechanisms attention_maps methods}; do
