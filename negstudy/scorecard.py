@@ -788,8 +788,7 @@ def _html(table: pd.DataFrame, inst: Instrument, root: Path) -> str:
     return (f"<h2>Replication scorecard</h2><p>Model: {esc(shown)}</p>"
             f"<table class='card'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
             + (f"<p class='absent'><small>{esc(ABSENT.capitalize())}: {esc('; '.join(absent))}.</small></p>" if absent else "")
-            +
-            f"<details class='how'><summary>{esc(summary)}</summary>"
+            + f"<details class='how'><summary>{esc(summary)}</summary>"
             + "".join(f"<p>{esc(h)}</p>" for h in header[1:-1])
             + "<table class='checks'><thead><tr><th>check</th><th>value</th><th>threshold</th><th>result</th>"
               f"<th>what it measures; source</th></tr></thead><tbody>{rows}</tbody></table></details>")
