@@ -12,18 +12,7 @@ world's own sampler (the training data: sample_dataset, 4000 images, numpy), in 
 from __future__ import annotations
 
 import argparse
-import platform
 import time
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> float:
@@ -37,6 +26,7 @@ def main(argv=None) -> float:
     from omegaconf import OmegaConf
 
     from negstudy.config import ModelConfig
+    from negstudy.jobs import cpu_name
     from negstudy.models import load_pipeline
     from negstudy.sampler import Batch, NegativeSampler
     from negstudy.schedules import FromStep
