@@ -30,7 +30,13 @@ or ``"unsure"``); the attribute (a class, ``"none"`` or ``"unsure"``). Three rea
     oracle's noise statistic is unmeasurable (under 30 interior background pixels) or within or
     above the noise band (``NOISE_STD_THRESHOLD - NOISE_STD_MARGIN``), "dark" becomes unsure. The
     model's speckle over a near-black or maroon image fits the dark hypothesis best (4 of the 6
-    attribute errors of the tuning split, all labelled noisy by eye).
+    attribute errors of the tuning split, all labelled noisy by eye). Likewise "striped" needs stripes
+    in the image: a world striped image has its stripe rows at 0.7 of the other rows' brightness, so
+    where the tint-corrected ratio (the oracle's ``stripe_ratio`` times ``world.STRIPE_GAIN``) is not
+    below the oracle's stripe band (``STRIPE_RATIO_THRESHOLD - STRIPE_RATIO_MARGIN``), "striped" becomes
+    unsure. A uniformly dark, tinted grass image (the main job's "a box on the grass", negative
+    "striped", seed 17: ratio 0.95, no stripe visible) fits the striped hypothesis best; every image
+    labelled striped by eye has 0.55..0.77.
 
   Every rule keeps the property that a +-1 grey-level change flips no decision except to or from
   unsure (each input decision flips only through unsure, and each rule maps such a path to one).
@@ -188,11 +194,15 @@ def _object(a: bool | None, b: bool | None) -> bool | None:
 
 
 def _attribute(o: Reading) -> str:
-    """The oracle's attribute; "dark" only over a background measured clean (see the module docstring)."""
-    if o.attribute != "dark":
-        return o.attribute
-    noise = o.diagnostics.get("noise_std", float("nan"))
-    return "dark" if noise < oracle.NOISE_STD_THRESHOLD - oracle.NOISE_STD_MARGIN else UNSURE  # NaN: unsure
+    """The oracle's attribute; "dark" only over a background measured clean, "striped" only with stripes in
+    the image (see the module docstring)."""
+    if o.attribute == "dark":
+        noise = o.diagnostics.get("noise_std", float("nan"))
+        return "dark" if noise < oracle.NOISE_STD_THRESHOLD - oracle.NOISE_STD_MARGIN else UNSURE  # NaN: unsure
+    if o.attribute == "striped":
+        ratio = o.diagnostics.get("stripe_ratio", float("nan")) * world.STRIPE_GAIN
+        return "striped" if ratio < oracle.STRIPE_RATIO_THRESHOLD - oracle.STRIPE_RATIO_MARGIN else UNSURE  # NaN: unsure
+    return o.attribute
 
 
 def combine(o: Reading, c: Reading) -> Reading:
