@@ -56,7 +56,9 @@ def ids() -> list[str]:
 
 
 def split_of(sample_id: str) -> str:
-    """holdout for a third of the ids (sha256 of the id mod 3 == 0), tune for the rest."""
+    """holdout for a third of the ids (sha256 of the id mod 3 == 0), tune for the rest; the fresh set's (fNNN) all holdout."""
+    if sample_id.startswith("f"):
+        return "holdout"
     return "holdout" if int(hashlib.sha256(sample_id.encode()).hexdigest(), 16) % 3 == 0 else "tune"
 
 
@@ -216,12 +218,36 @@ def plan_edits(out: Path, labels_path: Path) -> list[dict]:
     return rows
 
 
+# A fresh, attribute-heavy set (tests/fixtures/fresh): made after the reader's rules were fixed, never
+# tuned on (every id is holdout). Half the captions name an attribute and stop there; the other half
+# also name that attribute as the negative from step 4, 8, 12 or 16 on (half-removed attributes, as
+# in the main job's strips). Ids f000..f063 in a fixed random order.
+N_FRESH, FRESH_SEED, FRESH_SEED_BASE = 64, 29, 140_000
+
+
+def plan_fresh() -> list[dict]:
+    rng = np.random.default_rng(FRESH_SEED)
+    order = [f"f{k:03d}" for k in rng.permutation(N_FRESH)]
+    rows = []
+    for k in range(N_FRESH):
+        wanted = world.ATTRIBUTES[k % len(world.ATTRIBUTES)]
+        scene = world.sample_scene(rng, p_attribute=1.0, p_named_attribute=1.0)
+        while scene.attribute != wanted:
+            scene = world.sample_scene(rng, p_attribute=1.0, p_named_attribute=1.0)
+        edit = (k // len(world.ATTRIBUTES)) % 2 == 1
+        rows.append({"id": order[k], "file": f"{order[k]}.png", "caption": world.caption(scene),
+                     "negative": wanted if edit else "", "seed": str(FRESH_SEED_BASE + k),
+                     "schedule": f"from_step:{STARTS[1 + (k // 8) % 4]}" if edit else "never"})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["plain", "plain2", "edits", "sheets", "calibration", "merge"],
+    ap.add_argument("stage", choices=["plain", "plain2", "edits", "fresh", "sheets", "calibration", "merge"],
                     help="plain: stage 1; plain2 and edits: stage 2 (plain2 needs no labels); sheets: the unlabelled "
-                         "samples; calibration: a sheet of world images of every background and attribute; merge: the labellers' "
-                         "CSV files (--parts) into OUT/labels.csv")
+                         "samples; fresh: 64 attribute-heavy samples, all held out (use --out tests/fixtures/fresh); calibration: a "
+                         "sheet of world images of every background and attribute; merge: the labellers' CSV files "
+                         "(--parts) into OUT/labels.csv")
     ap.add_argument("--parts", type=Path, nargs="*", default=[], help="merge: the labellers' CSV files")
     ap.add_argument("--out", type=Path, default=Path("tests/fixtures/generated"))
     ap.add_argument("--labels", type=Path, default=None, help="labels of the stage-1 samples (default OUT/labels.csv)")
@@ -255,6 +281,8 @@ def main() -> None:
         rows = plan_plain(range(N_PLAIN_1), slice(0, N_PLAIN_1))
     elif args.stage == "plain2":
         rows = plan_plain(range(N_PLAIN_1, N_PLAIN_1 + N_PLAIN_2), slice(N_PLAIN_1 + N_EDITS, N_TOTAL))
+    elif args.stage == "fresh":
+        rows = plan_fresh()
     else:
         rows = plan_edits(args.out, args.labels or args.out / "labels.csv")
     sampler = load_sampler(args.model, args.steps, args.guidance)
@@ -264,7 +292,7 @@ def main() -> None:
     for r, image in zip(rows, images):
         Image.fromarray(image).save(args.out / r["file"], optimize=True)
     write_samples(args.out, rows)
-    if args.stage == "plain":  # stage 2 is drawn by `sheets` once both parts exist, so edits are not told apart
+    if args.stage in ("plain", "fresh"):  # stage 2 is drawn by `sheets` once both parts exist, so edits are not told apart
         sheets({r["id"]: im for r, im in zip(rows, images)}, args.sheets, "stage1", cols, rows_per, args.zoom)
 
 

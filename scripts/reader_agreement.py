@@ -72,11 +72,14 @@ def labellers(table, second_path: Path) -> dict:
     return out
 
 
-def markdown(result: dict) -> str:
-    lines = ["Agreement of the shapes-world readers with by-eye labels of generated images (tests/fixtures/generated;",
-             "`python scripts/reader_agreement.py`). Agreement over the sure decisions, Wilson 95 % intervals;",
+def markdown(result: dict, labels: str = "tests/fixtures/generated") -> str:
+    command = "python scripts/reader_agreement.py" + ("" if labels == "tests/fixtures/generated" else f" --labels {labels}")
+    lines = [f"Agreement of the shapes-world readers with by-eye labels of generated images ({labels};",
+             f"`{command}`). Agreement over the sure decisions, Wilson 95 % intervals;",
              "unsure decisions left out and counted; labels 'unsure' left out. Default reader: ensemble.", ""]
     for split in ("tune", "holdout"):
+        if not result[split]["images"]:
+            continue
         lines += [f"### {split} split ({result[split]['images']} images)", "",
                   "| reader | decision | agreement | 95 % CI | sure n | unsure | unsure rate |", "|---|---|---|---|---|---|---|"]
         for name in READERS:
@@ -115,7 +118,8 @@ def main() -> None:
     ap.add_argument("--out", help="also write this markdown file and a .json beside it")
     args = ap.parse_args()
     result = measure(Path(args.labels))
-    text = markdown(result)
+    labels = Path(args.labels).resolve()
+    text = markdown(result, str(labels.relative_to(REPO)) if labels.is_relative_to(REPO) else str(labels))
     print(text)
     if args.out:
         out = Path(args.out)

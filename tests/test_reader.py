@@ -77,6 +77,26 @@ def test_default_reader_agrees_with_labels_on_holdout(labelled, clip):
     assert shipped["holdout"]["per_attribute"] == json.loads(json.dumps(result["holdout"]["per_attribute"]))
 
 
+def test_default_reader_on_the_fresh_attribute_set(clip):
+    """tests/fixtures/fresh: 64 samples whose captions name an attribute, labelled by eye after the reader's
+    rules were fixed, all held out. The shipped agreement.json is this measure; the default reader holds the
+    labelled set's floors on attributes (measured 100 %, n 52) and objects; backgrounds 94.6 % (n 56: 3 of
+    the 56 wrong) stay under the 97 % target and are pinned at 93 %."""
+    from reader_agreement import measure
+
+    fresh = FIXTURE.parent / "fresh"
+    result = measure(fresh, clip)
+    assert result["holdout"]["images"] == 64 and result["tune"]["images"] == 0
+    assert json.loads((fresh / "agreement.json").read_text()) == json.loads(json.dumps(result))
+    held = result["holdout"]["ensemble"]
+    for decision, floor in (("object", 0.98), ("background", 0.93), ("attribute", 0.97)):
+        assert held[decision]["n"] >= 40 and held[decision]["rate"] >= floor, (decision, held[decision])
+        assert held[decision]["unsure_rate"] <= 0.12, (decision, held[decision])
+    # the model draws noisy for most attribute captions: only "noisy" reaches 20 sure decisions
+    per = result["holdout"]["per_attribute"]["ensemble"]
+    assert per["noisy"]["n"] >= 20 and all(per[a]["n"] < 20 for a in ("blurry", "dark", "striped"))
+
+
 # ----------------------------------------------------------------------------- machine independence
 
 
