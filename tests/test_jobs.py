@@ -51,10 +51,11 @@ def _tables(sweep: Path) -> pd.DataFrame:
 
 def test_submitit_local_multirun_then_a_rerun_skips_every_finished_job(tmp_path):
     """A real multirun through hydra-submitit's local executor (the SLURM code path): each job in its
-    own process, logs under the sweep directory; the same command again finishes nothing twice."""
+    own process, logs under the sweep directory; the same sweep again, into another sweep directory,
+    finishes nothing twice: its jobs come from the job store (outputs/.jobs under cwd), their tables equal."""
     sweep = tmp_path / "sweep"
-    command = SWEEP + ["hydra/launcher=local", f"hydra.sweep.dir={sweep}"]
-    first = _run(command, tmp_path)
+    launcher = ["hydra/launcher=local"]
+    first = _run(SWEEP + launcher + [f"hydra.sweep.dir={sweep}"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "sweep summary: 2 done, 0 skipped, 0 failed" in first.stdout
     last = [line for line in first.stdout.splitlines() if line.startswith("negstudy:")][-1]
@@ -64,16 +65,14 @@ def test_submitit_local_multirun_then_a_rerun_skips_every_finished_job(tmp_path)
     # submitit starts both jobs at once on this machine: each holds itself to the launcher's cpus_per_task
     assert all("torch threads: 1 (from hydra.launcher.cpus_per_task (submitit local))" in p.read_text() for p in logs)
     before = {p: p.read_bytes() for p in sweep.glob("*/*.parquet")}
-    second = _run(command, tmp_path)
+    again = tmp_path / "again"
+    second = _run(SWEEP + launcher + [f"hydra.sweep.dir={again}"], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "sweep summary: 0 done, 2 skipped, 0 failed" in second.stdout
     assert {p: p.read_bytes() for p in sweep.glob("*/*.parquet")} == before
-    summary = json.loads((sweep / "summary.json").read_text())
+    summary = json.loads((again / "summary.json").read_text())
     assert [j["status"] for j in summary["jobs"]] == ["skipped", "skipped"] and summary["rerun"] is None
-    # another sweep directory with the same jobs reuses them from the job store (outputs/.jobs under cwd)
-    other = _run(SWEEP + [f"hydra.sweep.dir={tmp_path / 'again'}"], tmp_path)
-    assert "sweep summary: 0 done, 2 skipped, 0 failed" in other.stdout
-    pd.testing.assert_frame_equal(_tables(tmp_path / "again"), _tables(sweep))
+    pd.testing.assert_frame_equal(_tables(again), _tables(sweep))
 
 
 @pytest.fixture(scope="module")

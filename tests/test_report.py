@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from negstudy import report
 
@@ -50,10 +51,15 @@ def test_report_finds_the_planted_critical_steps(tmp_path):
     assert any(line.startswith("critical step, object negatives: 5 ") for line in lines)
 
 
-def test_report_cli_rejects_a_directory_without_results(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "negstudy.report", str(tmp_path)], capture_output=True, text=True)
-    assert proc.returncode == 2 and ": no " in proc.stderr and "is it a negstudy run directory?" in proc.stderr
-    assert all(f"{t}.parquet" in proc.stderr for t in ("ratio", "removal", "reverse", "removal_targets"))  # every study's tables
+def test_report_cli_rejects_a_directory_without_results(tmp_path, capsys):
+    """``python -m negstudy.report DIR`` (its main, in this process)."""
+    from negstudy.report import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and ": no " in err and "is it a negstudy run directory?" in err
+    assert all(f"{t}.parquet" in err for t in ("ratio", "removal", "reverse", "removal_targets"))  # every study's tables
 
 
 # test_main_job_end_to_end_on_the_shipped_model: in test_report_html.py, whose report test shares its run
