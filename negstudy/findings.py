@@ -75,9 +75,19 @@ def describe(directory: Path) -> Sweep:
     return Sweep(directory.name, command, len(done), seconds, cpus)
 
 
+def _family(row) -> str:
+    """The claim a row measures, whatever its dataset: a removal claim is measured per method and dataset
+    ("... (fixed window, shapes_removal_all)"), and the run that measured it first gives all its rows;
+    another run's rows of the same claim on another dataset (the methods study's smaller removal) do not
+    add to it."""
+    claim = str(row["claim"])
+    return re.sub(r", [^,()]+\)$", ")", claim) if str(row["key"]).startswith("removal_") else claim
+
+
 def collect(directories: list[Path], variant: str = sc.DEFAULT_VARIANT) -> tuple[pd.DataFrame, sc.Instrument, list[Sweep]]:
-    """Every claim's row from the first sweep that measured it (rows measured nowhere: the first
-    sweep's row, which says which sweep writes it), with a ``run`` column naming the sweep."""
+    """Every claim's rows from the first sweep that measured it (rows measured nowhere: the first
+    sweep's row, which says which sweep writes it), with a ``run`` column naming the sweep. A claim
+    measured per dataset (:func:`_family`) is taken whole from one sweep."""
     if not directories:
         raise ValueError("findings: name at least one sweep directory")
     missing = [str(d) for d in directories if not Path(d).is_dir()]
@@ -89,10 +99,12 @@ def collect(directories: list[Path], variant: str = sc.DEFAULT_VARIANT) -> tuple
         tables.append(table.assign(run=Path(d).name))
         instruments.append(inst)
     rows = []
-    for claim in dict.fromkeys(c for t in tables for c in t.claim):
-        candidates = [t[t.claim == claim].iloc[0] for t in tables if (t.claim == claim).any()]
-        measured = [r for r in candidates if not str(r.verdict).startswith(sc.ABSENT)]
-        rows.append((measured or candidates)[0])
+    families = [t.apply(_family, axis=1) if len(t) else pd.Series(dtype=str) for t in tables]
+    for family in dict.fromkeys(f for fs in families for f in fs):
+        candidates = [t[fs == family] for t, fs in zip(tables, families) if (fs == family).any()]
+        measured = [c[~c.verdict.astype(str).str.startswith(sc.ABSENT)] for c in candidates]
+        measured = [m for m in measured if len(m)]
+        rows += [r for _, r in (measured[0] if measured else candidates[0].iloc[:1]).iterrows()]
     # a claim measured per variant (removal: "... (fixed window, shapes_removal)") replaces its unmeasured plain row
     rows = [r for r in rows if not (str(r.verdict).startswith(sc.ABSENT)
                                     and any(o.claim.startswith(f"{r.claim} (") for o in rows))]

@@ -9,9 +9,8 @@
 # raises dataset.shards): reverse activation on 6 pairs x 32 seeds where the negative's object is
 # absent (192 pair-seeds: 0 appearances put the Wilson bound under the rule's 2 %; 71 min on a 2-core
 # AMD EPYC at 46 UNet rows/s), removal on the 24 captions of dataset=shapes_removal_all x 36 seeds
-# (12 captions took 28 min there and decided the preference rows; the adaptive window's ratio needs
-# ~21 captions; 24: ~55 min, projected). The fixed window's ratio sits 5 points from its band's edge
-# (~53 captions): a cluster's job (dataset.shards).
+# (57 min at 37 rows/s; it decided both preferences and the adaptive window's ratio). The fixed
+# window's ratio sits 4 points from its band's edge (~144 captions): a cluster's job (dataset.shards).
 #   PROFILE=decide SWEEPS="reverse_activation removal" bash scripts/run_findings.sh outputs/decide
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -42,6 +42,18 @@ def test_every_claim_is_measured_on_the_shipped_model(collected):
     assert set(table.run) <= {p.name for p in runs()}
 
 
+def test_a_removal_claim_comes_whole_from_the_removal_sweep(collected):
+    """The removal sweep (dataset shapes_removal_all) and the methods study (its own small removal on
+    shapes_removal) both measure the removal claims: each claim's rows come from the removal sweep only,
+    one per window method, not a second set of rows from the methods study's other dataset."""
+    table, _, _ = collected
+    removal = table[table.key.str.startswith("removal_")]
+    assert set(removal.run) == {"removal"}
+    assert len(removal) == 4 and removal.claim.str.endswith("shapes_removal_all)").all(), removal.claim.tolist()
+    methods = sc.scorecard(RUNS / "methods")[0]
+    assert methods.claim.str.endswith(", shapes_removal)").sum() == 4  # what the methods study measured, left out
+
+
 def test_a_stale_block_is_found_and_rewritten(tmp_path, capsys):
     root = tmp_path / "repo"
     (root / "docs").mkdir(parents=True)
