@@ -84,7 +84,13 @@ def test_default_reader_on_the_fresh_attribute_set(clip):
     the 56 wrong) stay under the 97 % target and are pinned at 93 %."""
     from reader_agreement import measure
 
+    import make_reader_set
+
     fresh = FIXTURE.parent / "fresh"
+    # the fixture is the script's plan: captions, negatives, schedules and seeds, every id held out
+    planned = sorted(make_reader_set.plan_fresh(), key=lambda r: r["id"])
+    assert [{k: r[k] for k in make_reader_set.SAMPLE_FIELDS} for r in planned] == make_reader_set.read_csv(fresh / "samples.csv")
+    assert {make_reader_set.split_of(r["id"]) for r in planned} == {"holdout"}
     result = measure(fresh, clip)
     assert result["holdout"]["images"] == 64 and result["tune"]["images"] == 0
     assert json.loads((fresh / "agreement.json").read_text()) == json.loads(json.dumps(result))
