@@ -12,6 +12,8 @@ naming it, and only the by-eye labels say what a sample showed:
     OMP_NUM_THREADS=1 python scripts/make_reader_set.py edits
     OMP_NUM_THREADS=1 python scripts/make_reader_set.py sheets   # sheets of the unlabelled samples
     # ... label them ...
+    # a fresh set, after the readers' rules are fixed: 64 attribute-heavy samples, all held out
+    OMP_NUM_THREADS=1 python scripts/make_reader_set.py fresh --out tests/fixtures/fresh
 
 Samples: captions from the world's own distribution (``world.sample_scene`` + ``world.caption``,
 fixed rng), fixed seeds, negstudy's sampler at 30 PNDM steps (31 UNet calls) and guidance 7.5, fp32
@@ -293,7 +295,8 @@ def main() -> None:
         Image.fromarray(image).save(args.out / r["file"], optimize=True)
     write_samples(args.out, rows)
     if args.stage in ("plain", "fresh"):  # stage 2 is drawn by `sheets` once both parts exist, so edits are not told apart
-        sheets({r["id"]: im for r, im in zip(rows, images)}, args.sheets, "stage1", cols, rows_per, args.zoom)
+        sheets({r["id"]: im for r, im in zip(rows, images)}, args.sheets, "stage1" if args.stage == "plain" else "fresh",
+               cols, rows_per, args.zoom)
 
 
 if __name__ == "__main__":
