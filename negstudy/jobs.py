@@ -123,7 +123,10 @@ def run(cfg: DictConfig, out_dir: Path, body: Callable[[], None], *, multirun: b
             previous = None
         if previous is not None and previous.resolve() != out_dir.resolve() and finished(previous, digest):
             files = _link_results(previous, out_dir)
-            _mark_done(out_dir, digest, files, reused_from=str(previous))
+            # the time, CPU and threads that made the results travel with them (a report's "jobs' time")
+            made = {k: v for k, v in json.loads((previous / DONE).read_text()).items()
+                    if k not in ("hash", "files", "reused_from")}
+            _mark_done(out_dir, digest, files, **{**made, "reused_from": str(previous)})
             print(f"negstudy: job {digest} already finished in {previous}: results linked into {out_dir}, skipped")
             return Outcome("skipped", digest)
     threads = size_threads()

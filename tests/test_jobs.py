@@ -73,6 +73,11 @@ def test_submitit_local_multirun_then_a_rerun_skips_every_finished_job(tmp_path)
     summary = json.loads((again / "summary.json").read_text())
     assert [j["status"] for j in summary["jobs"]] == ["skipped", "skipped"] and summary["rerun"] is None
     pd.testing.assert_frame_equal(_tables(again), _tables(sweep))
+    for job in ("0", "1"):  # the reused job keeps the time and CPU that made its results (reports quote them)
+        made, reused = (json.loads((d / job / "done.json").read_text()) for d in (sweep, again))
+        assert made["seconds"] > 0 and made["cpu"]
+        assert {k: reused[k] for k in ("seconds", "cpu", "threads")} == {k: made[k] for k in ("seconds", "cpu", "threads")}
+        assert reused["reused_from"] == str(sweep / job)
 
 
 @pytest.fixture(scope="module")
