@@ -75,19 +75,12 @@ def describe(directory: Path) -> Sweep:
     return Sweep(directory.name, command, len(done), seconds, cpus)
 
 
-def _family(row) -> str:
-    """The claim a row measures, whatever its dataset: a removal claim is measured per method and dataset
-    ("... (fixed window, shapes_removal_all)"), and the run that measured it first gives all its rows;
-    another run's rows of the same claim on another dataset (the methods study's smaller removal) do not
-    add to it."""
-    claim = str(row["claim"])
-    return re.sub(r", [^,()]+\)$", ")", claim) if str(row["key"]).startswith("removal_") else claim
-
-
 def collect(directories: list[Path], variant: str = sc.DEFAULT_VARIANT) -> tuple[pd.DataFrame, sc.Instrument, list[Sweep]]:
     """Every claim's rows from the first sweep that measured it (rows measured nowhere: the first
     sweep's row, which says which sweep writes it), with a ``run`` column naming the sweep. A claim
-    measured per dataset (:func:`_family`) is taken whole from one sweep."""
+    measured per dataset (its rows share a ``family``: removal, per window method) is taken whole from
+    one sweep: another sweep's rows of it on another dataset (the methods study's smaller removal) do
+    not add to it."""
     if not directories:
         raise ValueError("findings: name at least one sweep directory")
     missing = [str(d) for d in directories if not Path(d).is_dir()]
@@ -99,9 +92,8 @@ def collect(directories: list[Path], variant: str = sc.DEFAULT_VARIANT) -> tuple
         tables.append(table.assign(run=Path(d).name))
         instruments.append(inst)
     rows = []
-    families = [t.apply(_family, axis=1) if len(t) else pd.Series(dtype=str) for t in tables]
-    for family in dict.fromkeys(f for fs in families for f in fs):
-        candidates = [t[fs == family] for t, fs in zip(tables, families) if (fs == family).any()]
+    for family in dict.fromkeys(f for t in tables for f in t.family):
+        candidates = [t[t.family == family] for t in tables if (t.family == family).any()]
         measured = [c[~c.verdict.astype(str).str.startswith(sc.ABSENT)] for c in candidates]
         measured = [m for m in measured if len(m)]
         rows += [r for _, r in (measured[0] if measured else candidates[0].iloc[:1]).iterrows()]

@@ -112,9 +112,7 @@ def run(cfg: DictConfig, out_dir: Path, body: Callable[[], None], *, multirun: b
     store = store_dir(cfg)
     if cfg.get("resume", True):
         if finished(out_dir, digest):
-            done = json.loads((out_dir / DONE).read_text())
-            extra = {k: v for k, v in done.items() if k not in ("hash", "files")}
-            _mark_done(out_dir, digest, done["files"], **{**extra, "reused_from": str(out_dir)})
+            _mark_reused(out_dir, out_dir, digest, json.loads((out_dir / DONE).read_text())["files"])
             print(f"negstudy: job {digest} already finished in {out_dir}: skipped")
             return Outcome("skipped", digest)
         try:
@@ -122,11 +120,7 @@ def run(cfg: DictConfig, out_dir: Path, body: Callable[[], None], *, multirun: b
         except (OSError, ValueError, KeyError):
             previous = None
         if previous is not None and previous.resolve() != out_dir.resolve() and finished(previous, digest):
-            files = _link_results(previous, out_dir)
-            # the time, CPU and threads that made the results travel with them (a report's "jobs' time")
-            made = {k: v for k, v in json.loads((previous / DONE).read_text()).items()
-                    if k not in ("hash", "files", "reused_from")}
-            _mark_done(out_dir, digest, files, **{**made, "reused_from": str(previous)})
+            _mark_reused(out_dir, previous, digest, _link_results(previous, out_dir))
             print(f"negstudy: job {digest} already finished in {previous}: results linked into {out_dir}, skipped")
             return Outcome("skipped", digest)
     threads = size_threads()
@@ -219,6 +213,13 @@ def record_failure(cfg: DictConfig, out_dir: Path, cause: str) -> None:
 def _mark_done(out_dir: Path, digest: str, files: list[str], **extra) -> None:
     write_text(json.dumps({"hash": digest, "files": files, **extra}, indent=1), out_dir / DONE)
     (out_dir / INCOMPLETE).unlink(missing_ok=True)
+
+
+def _mark_reused(out_dir: Path, source: Path, digest: str, files: list[str]) -> None:
+    """``out_dir`` done with the results of ``source`` (itself or a finished job elsewhere): the time, CPU
+    and threads that made them travel with them (a report's "jobs' time"), and where they came from."""
+    made = {k: v for k, v in json.loads((source / DONE).read_text()).items() if k not in ("hash", "files", "reused_from")}
+    _mark_done(out_dir, digest, files, **made, reused_from=str(source))
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:

@@ -565,12 +565,12 @@ def _energy(energy: pd.DataFrame) -> Measure | str:
                          f"peaks at theta {float(curve.idxmax()):g}")
 
 
-def _removal(targets: pd.DataFrame) -> list[tuple[str, str, Measure | str]]:
-    """(key suffix, label, measure) per dataset and windowed method, for REMOVAL_CLAIMS."""
+def _removal(targets: pd.DataFrame) -> list[tuple[str, tuple[str, str], Measure | str]]:
+    """(key suffix, (method, dataset), measure) per dataset and windowed method, for REMOVAL_CLAIMS."""
     methods = removal_methods(targets)
     out = []
     for r in methods[methods.method != METHOD_NAMES["from0"]].itertuples():
-        label = f"{r.method}, {r.dataset}"
+        label = (r.method, r.dataset)
         if not r.objects or pd.isna(r.vs_from0):
             out.append(("vs_from0", label, "no object with a removal verdict from every method (an unsure reader), "
                                            "or none removed from step 0"))
@@ -639,15 +639,16 @@ def n_to_decide(m: Measure | str | None, edges: tuple[float, ...]) -> tuple[int,
 
 
 def _row(key: str, claim: str, paper: str, rule: str, m: Measure | str | None, v: str, source: str, sweep: str, checks=(),
-         edges: tuple[float, ...] = (), failed: list[CheckResult] = ()) -> dict:
-    """m: the measure, a sentence saying why the run's tables cannot give it, or None (the table is absent)."""
+         edges: tuple[float, ...] = (), failed: list[CheckResult] = (), family: str | None = None) -> dict:
+    """m: the measure, a sentence saying why the run's tables cannot give it, or None (the table is absent).
+    family: the claim whatever the dataset it was measured on (default: the claim itself)."""
     measured = isinstance(m, Measure)
     if v == ABSENT:
         v = (f"{ABSENT} ({sweep} writes {source})" if m is None else f"{ABSENT} ({m})" if not measured
              else f"{ABSENT} (needs {m.missing})" if m.missing else f"{ABSENT} (no value)")
     clusters, units = m.unit.split(" x ") if measured else ("", "")
     need = n_to_decide(m, edges) if v == OPEN else None
-    return {"key": key, "claim": claim, "paper": paper, "measured": m.text if measured else "-",
+    return {"key": key, "claim": claim, "family": family or claim, "paper": paper, "measured": m.text if measured else "-",
             "n": f"{m.n_clusters} {clusters} x {m.n_units} {units}" if measured else "-", "verdict": v,
             "rule": rule, "checks": ", ".join(checks) or "-", "source": source,
             "n to decide": f"~{need[0]} {clusters} x {need[1]} {units}" if need else "-",
@@ -710,8 +711,10 @@ def scorecard(root: str | Path, variant: str = DEFAULT_VARIANT) -> tuple[pd.Data
         for label, m in found:
             failed = inst.failed(keys)
             v = verdict(m, holds, fails, failed)
-            rows.append(_row(f"removal_{key}", claim + (f" ({label})" if label else ""), paper, rule, m, v, "removal_targets.parquet",
-                             "+sweep=removal", keys, holds.edges + fails.edges, failed))
+            method, dataset = label or (None, None)
+            rows.append(_row(f"removal_{key}", claim + (f" ({method}, {dataset})" if label else ""), paper, rule, m, v,
+                             "removal_targets.parquet", "+sweep=removal", keys, holds.edges + fails.edges, failed,
+                             family=claim + (f" ({method})" if label else "")))
     return pd.DataFrame(rows), inst
 
 
