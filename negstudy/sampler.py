@@ -138,7 +138,8 @@ class Batch:
     seeds: list[int]
     plans: list[StepPlan]
     meta: list[dict] = field(default_factory=list)
-    # continue each image from its Snapshot (all at one step) instead of x_T: steps before it cost nothing
+    # continue each image from its Snapshot instead of x_T: steps before it cost nothing; images of later
+    # snapshots join the call at their own step (a call with hooks: one step for all)
     resume: list[Snapshot] | None = None
 
     def __post_init__(self):
@@ -300,33 +301,32 @@ class NegativeSampler:
     def _loop(self, batch: Batch, hooks: Sequence[Hook]) -> np.ndarray:
         # 2. lanes: one per distinct (prompt, negative, seed[, snapshot]); encode each text once
         resume = batch.resume
-        start = self._check_resume(batch) if resume is not None else 0
+        image_start = self._check_resume(batch) if resume is not None else [0] * len(batch)
         keys = [(p, q, x) + ((id(resume[b]),) if resume is not None else ())
                 for b, (p, q, x) in enumerate(zip(batch.prompts, batch.negative_prompts, batch.seeds))]
         lanes: list[list[int]] = []
         first: dict[tuple, int] = {}
-        for b, key in enumerate(keys):
-            if key not in first:
-                first[key] = len(lanes)
+        for b in sorted(range(len(batch)), key=lambda b: image_start[b]):  # lanes in the order they join
+            if keys[b] not in first:
+                first[keys[b]] = len(lanes)
                 lanes.append([])
-            lanes[first[key]].append(b)
-        prompts, negatives, seeds = zip(*(keys[lane[0]][:3] for lane in lanes))
-        embeds = {
-            "positive": torch.cat([self.encode(p) for p in prompts]),
-            "negative": torch.cat([self.encode(p) for p in negatives]),
-            "empty": self.encode(None).expand(len(lanes), -1, -1),
-        }
-        # SDXL: the pooled embeddings of each branch, indexed like embeds (the time ids are the same for every row)
-        pooled = {
-            "positive": torch.cat([self.encode_pooled(p) for p in prompts]),
-            "negative": torch.cat([self.encode_pooled(p) for p in negatives]),
-            "empty": self.encode_pooled(None).expand(len(lanes), -1),
-        } if self.xl else {}
+            lanes[first[keys[b]]].append(b)
+        for lane in lanes:
+            lane.sort()
+        start = image_start[lanes[0][0]]
+        if hooks and any(image_start[lane[0]] != start for lane in lanes):
+            raise ValueError("Batch.resume: snapshots of several steps join the loop as it reaches them; hooks see "
+                             "every image at every step, so a call with hooks continues from one step")
+        # lanes of snapshots of later steps wait and join the loop at their step (their prefix is not recomputed)
+        waiting = [lane for lane in lanes if image_start[lane[0]] != start]
+        lanes = lanes[: len(lanes) - len(waiting)]
+        embeds, pooled = self._lane_embeds([keys[lane[0]] for lane in lanes])
         # 3. timesteps
         self.scheduler.set_timesteps(self.steps, device=self.device)
         timesteps = self.scheduler.timesteps
         # 4. initial latents and scheduler extras (eta=0 for DDIM, per-image generators for stochastic ones):
         # as in diffusers, each image's generator draws x_T and then goes on to draw the per-step noise
+        seeds = [keys[lane[0]][2] for lane in lanes]
         generators = [torch.Generator("cpu").manual_seed(int(x)) for x in seeds]
         extra = self.pipe.prepare_extra_step_kwargs(generators, 0.0)
         if resume is None:
@@ -340,6 +340,15 @@ class NegativeSampler:
         for i, t in enumerate(tqdm(timesteps, desc="steps", leave=False, disable=not self.progress)):
             if i < start:
                 continue
+            joining = [lane for lane in waiting if image_start[lane[0]] == i]
+            if joining:
+                latents = self._join(latents, [resume[lane[0]] for lane in joining], extra)
+                more, more_pooled = self._lane_embeds([keys[lane[0]] for lane in joining])
+                embeds = {k: torch.cat([v, more[k]]) for k, v in embeds.items()}
+                pooled = {k: torch.cat([v, more_pooled[k]]) for k, v in pooled.items()}
+                lanes = lanes + joining
+                waiting = [lane for lane in waiting if image_start[lane[0]] != i]
+                lane_of = self._lane_of(lanes, len(batch))
             lanes, source = self._split(lanes, batch.plans, i)
             if len(source) != latents.shape[0]:
                 index = torch.tensor(source, device=self.device)
@@ -418,14 +427,10 @@ class NegativeSampler:
                         gens[lane].get_state() if isinstance(gens, list) else None, self._settings(),
                         self.guider.state_of(lane))
 
-    def _check_resume(self, batch: Batch) -> int:
-        """The step every snapshot of ``batch.resume`` continues from; ValueError where one does not fit its image."""
-        steps = {snap.step for snap in batch.resume}
-        if len(steps) != 1:
-            raise ValueError(f"Batch.resume: snapshots of steps {sorted(steps)}; one generate call continues from one step")
-        (step,) = steps
+    def _check_resume(self, batch: Batch) -> list[int]:
+        """The step each image continues from (its snapshot's); ValueError where a snapshot does not fit its image."""
         for b, snap in enumerate(batch.resume):
-            plan = batch.plans[b]
+            step, plan = snap.step, batch.plans[b]
             prefix = (tuple(bool(x) for x in plan.negative[:step]), tuple(float(x) for x in plan.inject[:step]))
             used_negative = any(prefix[0]) or any(prefix[1])
             if snap.settings != self._settings():
@@ -435,7 +440,9 @@ class NegativeSampler:
                                  f"image {batch.prompts[b]!r} / {batch.negative_prompts[b]!r} / seed {batch.seeds[b]}")
             if prefix != snap.prefix:
                 raise ValueError(f"Batch.resume[{b}]: its plan differs from the snapshot's on steps before {step}")
-        return step
+            if not 0 <= step < self.n_calls:
+                raise ValueError(f"Batch.resume[{b}]: snapshot of step {step}; the loop makes {self.n_calls} UNet calls")
+        return [snap.step for snap in batch.resume]
 
     def _restore(self, snaps: Sequence[Snapshot], extra: dict) -> torch.Tensor:
         """Scheduler state and latents (one row per lane) from one snapshot per lane."""
@@ -451,6 +458,49 @@ class NegativeSampler:
                 gen.set_state(snap.generator)
         self.guider.restore([snap.guider_state for snap in snaps])
         return torch.cat([snap.latents for snap in snaps]).to(self.device)
+
+    def _lane_embeds(self, keys: Sequence[tuple]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Each branch's text embeddings, one row per lane (key: prompt, negative, seed, ...); SDXL: and the
+        pooled ones, indexed alike (the time ids are the same for every row)."""
+        prompts, negatives = [k[0] for k in keys], [k[1] for k in keys]
+        embeds = {
+            "positive": torch.cat([self.encode(p) for p in prompts]),
+            "negative": torch.cat([self.encode(p) for p in negatives]),
+            "empty": self.encode(None).expand(len(keys), -1, -1),
+        }
+        pooled = {
+            "positive": torch.cat([self.encode_pooled(p) for p in prompts]),
+            "negative": torch.cat([self.encode_pooled(p) for p in negatives]),
+            "empty": self.encode_pooled(None).expand(len(keys), -1),
+        } if self.xl else {}
+        return embeds, pooled
+
+    def _join(self, latents: torch.Tensor, snaps: Sequence[Snapshot], extra: dict) -> torch.Tensor:
+        """Lanes continued from snapshots of the step the loop has reached join it: their latents, the
+        scheduler's per-sample state, noise streams and the guider's state are appended to the running
+        lanes'. The scheduler's shared state (e.g. PNDM's step counter) is the one every lane reaching
+        this step has; a snapshot whose shared state differs is refused."""
+        n = latents.shape[0]
+        for name, value in snaps[0].shared.items():
+            current = getattr(self.scheduler, name, None)
+            if (value is None or isinstance(value, (bool, int, float, str))) and current != value:
+                raise ValueError(f"Batch.resume: the scheduler's {name} is {current!r} in the running lanes and "
+                                 f"{value!r} in a snapshot of step {snaps[0].step}")
+        for name, value in snaps[0].rows.items():
+            current = getattr(self.scheduler, name)
+            if isinstance(value, list):
+                if not isinstance(current, list) or len(current) != len(value):
+                    raise ValueError(f"Batch.resume: the scheduler's {name} does not match a snapshot of step {snaps[0].step}")
+                setattr(self.scheduler, name, [torch.cat([c, *parts]) for c, parts in zip(current, zip(*(snap.rows[name] for snap in snaps)))])
+            else:
+                setattr(self.scheduler, name, torch.cat([current, *(snap.rows[name] for snap in snaps)]))
+        if isinstance(extra.get("generator"), list):
+            for snap in snaps:
+                gen = torch.Generator("cpu").manual_seed(snap.seed)
+                gen.set_state(snap.generator)
+                extra["generator"].append(gen)
+        self.guider.restore([self.guider.state_of(lane) for lane in range(n)] + [snap.guider_state for snap in snaps])
+        return torch.cat([latents, *(snap.latents.to(self.device) for snap in snaps)])
 
     def _lane_of(self, lanes: list[list[int]], n: int) -> torch.Tensor:
         """(n,) index of the lane each image rides in."""
@@ -544,6 +594,28 @@ def cpu_fixed_rows(unet, latent_shape: tuple[int, int, int]) -> int:
     while rows < 8 and rows * work < CPU_BLOCK_WORK:
         rows *= 2
     return rows
+
+
+class UNetRows:
+    """Counts the UNet rows of every call made within it: as called, and as computed (padded to the
+    sampler's fixed-row blocks). A torch forward pre-hook on the UNet, so it counts any generate call,
+    also one whose images join at several steps (where :class:`Hook` s are refused)."""
+
+    def __init__(self, sampler: "NegativeSampler"):
+        self.unet, self.block = sampler.unet, sampler.fixed_rows
+        self.rows = self.padded = 0
+
+    def _count(self, module, args) -> None:
+        n = int(args[0].shape[0])
+        self.rows += n
+        self.padded += -(-n // self.block) * self.block if self.block else n
+
+    def __enter__(self) -> "UNetRows":
+        self._handle = self.unet.register_forward_pre_hook(self._count)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
 
 
 class FixedRows(TorchFunctionMode):

@@ -61,7 +61,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from negstudy.tables import DEFAULT_VARIANT, HIT_LIFT, METHOD_NAMES, UNIT, _read, critical_steps, pair_labels, removal_methods
+from negstudy.tables import DEFAULT_VARIANT, HIT_LIFT, METHOD_NAMES, UNIT, _read, critical_steps, drawn, pair_labels, removal_methods
 from negstudy.critical import cluster_mean_ci, cluster_rate_ci
 
 MIN_CLUSTERS = 3  # pairs (captions): fewer, and a bootstrap over them says little
@@ -450,7 +450,7 @@ def instrument(root: Path, targets: pd.DataFrame | None = None) -> Instrument:
 def claim_checks(key: str, screened: bool, attributes=()) -> tuple[str, ...]:
     """The checks claim ``key`` needs on a run: the reader's only where it read the claim's images (the ratio
     claims: when the run screened its seeds); the attribute claim's per-attribute checks (drawn when named, read
-    by the reader) for the attributes it negated."""
+    by the reader) for the attributes whose seeds it pools (drawn: negstudy.tables.drawn)."""
     out, skip = [], False
     for k in CLAIM_CHECKS[key]:
         if k == SCREENED:
@@ -469,6 +469,9 @@ def claim_checks(key: str, screened: bool, attributes=()) -> tuple[str, ...]:
 def _ratio_measures(crit: pd.DataFrame) -> dict[str, Measure | str]:
     out: dict[str, Measure | str] = {}
     rows = crit[crit.level == "category"].set_index("category") if not crit.empty else pd.DataFrame()
+    paired = set(crit[crit.level == "pair"].category) if not crit.empty else set()
+    absent = lambda c: (f"ratio.parquet has {c} negatives only on the screen's padding (no seed where the concept was drawn)"
+                        if c in paired else f"ratio.parquet has no {c} negatives")
     if "object" in rows.index:
         r = rows.loc["object"]
         n = int(r.n_steps)
@@ -506,7 +509,7 @@ def _ratio_measures(crit: pd.DataFrame) -> dict[str, Measure | str]:
                 f"{int(r.attention_never)} of {int(r.attention_n)} pair-seeds",
                 missing="a pair-seed where both the positive and the negative word reach their regions")
     else:
-        out["noun_peak_step"] = out["noun_peak_height"] = "ratio.parquet has no object negatives"
+        out["noun_peak_step"] = out["noun_peak_height"] = absent("object")
     if "attribute" in rows.index:
         r = rows.loc["attribute"]
         n = int(r.n_steps)
@@ -515,7 +518,7 @@ def _ratio_measures(crit: pd.DataFrame) -> dict[str, Measure | str]:
                                             int(r.n_pair_seeds), _steps_text(r.critical_step, r.ci_low, r.ci_high, n)
                                             + f"; ratio at step 0 {r.ratio_at_step0:.3f}")
     else:
-        out["adjective_crossing"] = "ratio.parquet has no attribute negatives"
+        out["adjective_crossing"] = absent("attribute")
     return out
 
 
@@ -694,8 +697,11 @@ def scorecard(root: str | Path, variant: str = DEFAULT_VARIANT) -> tuple[pd.Data
         measures["energy_barrier"] = _energy(tables["energy"])
     screen = tables["screen"]
     screened = not screen.empty and ("protocol" not in screen or (screen.protocol.astype(str) == "screened").any())
-    attributes = (sorted(set(tables["ratio"].loc[tables["ratio"].category == "attribute", "negative"].astype(str)))
-                  if {"category", "negative"} <= set(tables["ratio"].columns) else [])
+    # the attributes whose seeds the attribute category pools (seeds where the adjective was drawn; not the
+    # screen's padding of pairs that never showed theirs): their checks are the claim's
+    pooled = drawn(tables["ratio"])
+    attributes = (sorted(set(pooled.loc[pooled.category == "attribute", "negative"].astype(str)))
+                  if {"category", "negative"} <= set(pooled.columns) else [])
     rows = []
     for c in CLAIMS:
         m = measures.get(c.key)

@@ -88,6 +88,17 @@ def _counts(frame: pd.DataFrame) -> dict:
     return {"n_pairs": int(labels.nunique()), "n_pair_seeds": int(len(frame[UNIT].assign(label=labels).drop_duplicates()))}
 
 
+def drawn(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of pair-seeds whose plain image showed the concept (``present_without_negative``
+    True), and those of the paper's unscreened protocol (None: every seed, drawn or not). Left out:
+    the screen's padding (False), seeds without the concept that ``sweep.min_seeds`` adds to a pair
+    with too few present seeds so that its curve can still be drawn; a category pools none of them,
+    as removal against the start step (:func:`removal_vs_start`) never counted them."""
+    if "present_without_negative" not in frame:
+        return frame
+    return frame[~frame.present_without_negative.eq(False).to_numpy()]
+
+
 def critical_steps(ratio: pd.DataFrame, attention: pd.DataFrame, variant: str = DEFAULT_VARIANT,
                    hit_lift: float = HIT_LIFT, screen: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per pair and one per category: critical step from the ratio curve (with CI) and
@@ -97,7 +108,8 @@ def critical_steps(ratio: pd.DataFrame, attention: pd.DataFrame, variant: str = 
     of 0.5 would demand a five-fold concentration for small objects and a trivial one for large.
 
     Curves are pooled per (job, pair, seed) (n_pairs x n_pair_seeds); intervals resample pairs,
-    then seeds within pairs. critical_step is the peak (object) or the default crossing rule
+    then seeds within pairs. A pair's row takes all its seeds; a category's only those where the
+    concept was drawn (:func:`drawn`: the screen's padding seeds stay out of it). critical_step is the peak (object) or the default crossing rule
     (attribute, ``rule``); attribute rows also give crossing_<rule> with its interval for every
     rule of negstudy.critical.CROSSING_RULES. peak_ratio: the mean curve's maximum with its interval.
     screen: the jobs' screen tables, which name each pair's prompt (see :func:`pair_labels`)."""
@@ -108,7 +120,7 @@ def critical_steps(ratio: pd.DataFrame, attention: pd.DataFrame, variant: str = 
     if len(attention):
         attention = attention.assign(pair_label=pair_labels(attention))
     groups = [("pair", frame) for _, frame in ratio.groupby("pair_label", sort=False)]
-    groups += [("category", frame) for _, frame in ratio.groupby("category")]
+    groups += [("category", frame) for _, frame in drawn(ratio).groupby("category")]
     for level, frame in groups:
         category = frame.category.iloc[0]
         negative = frame.negative.iloc[0] if level == "pair" else "all"
@@ -337,7 +349,7 @@ def _figure_ratio(ratio: pd.DataFrame, crit: pd.DataFrame, variant: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (category, frame), colour in zip(ratio[ratio.variant == variant].groupby("category"), ("tab:blue", "tab:orange")):
+    for (category, frame), colour in zip(drawn(ratio[ratio.variant == variant]).groupby("category"), ("tab:blue", "tab:orange")):
         values, pairs = _curves(frame, "ratio")
         mean, lo, hi = bootstrap_ci(values, clusters=pairs)  # pairs, then seeds within pairs
         steps = np.arange(len(mean))

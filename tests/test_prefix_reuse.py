@@ -14,7 +14,7 @@ from negstudy.config import ModelConfig
 from negstudy.models import load_pipeline
 from negstudy.records import to_uint8
 from negstudy.sampler import Batch, Hook, KeepStates, NegativeSampler
-from negstudy.schedules import FromStep, Never, Window
+from negstudy.schedules import FromStep, Never, StepPlan, Window
 from negstudy.tiny import tiny_pipeline
 
 PROMPT, NEG = "a ball on the grass", "sun"
@@ -46,6 +46,50 @@ def test_branched_images_equal_fresh_ones_bit_for_bit(shapes):
     assert np.array_equal(again[0], plain[1])
 
 
+def test_snapshots_of_several_steps_join_one_call_at_their_steps(shapes):
+    """One call continues snapshots of steps 5, 2 and 5: the images of step 5 join the loop at
+    step 5 (their prefix is not recomputed), every image equals its fresh run bit for bit, and the call
+    makes 2 rows an image a step from each image's own step, no more."""
+    n, seeds = shapes.n_calls, [3, 4, 5]
+    keep = KeepStates([2, 5])
+    shapes.generate(Batch([PROMPT] * 3, [NEG] * 3, seeds, [Never().plan(n)] * 3), [keep])
+    starts = [5, 2, 5]  # seed 3 from step 5, seed 4 from 2, seed 5 from 5
+    plans = [FromStep(k).plan(n) for k in starts]
+    rows = []  # the UNet's input rows a call, step by step (a torch hook: sampler hooks need one start step)
+    handle = shapes.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        joined = shapes.generate(Batch([PROMPT] * 3, [NEG] * 3, seeds, plans,
+                                       resume=[keep.states[j][k] for j, k in enumerate(starts)]))
+    finally:
+        handle.remove()
+    assert rows == [2 * sum(k <= i for k in starts) for i in range(2, n)]  # [2, 2, 2, 6, 6] for 7 calls
+    for j, seed in enumerate(seeds):
+        fresh = shapes.generate(Batch([PROMPT], [NEG], [seed], [plans[j]]))[0]
+        assert np.array_equal(joined[j], fresh), seed
+
+
+def test_joining_lanes_carry_their_noise_streams_and_guider_state():
+    """A stochastic scheduler (each seed's noise stream) and a stateful guider (DNG's posterior): images
+    continued from snapshots of steps 1 and 3 in one call equal their fresh runs."""
+    import diffusers
+
+    from negstudy.guidance import DNG
+    from negstudy.models import SCHEDULER_CLASSES
+
+    pipe = tiny_pipeline(1)
+    pipe.scheduler = getattr(diffusers, SCHEDULER_CLASSES["euler_a"]).from_config(pipe.scheduler.config)
+    sampler = NegativeSampler(pipe, steps=5, guider=DNG())
+    n, seeds, starts = sampler.n_calls, [1, 2], [3, 1]
+    keep = KeepStates([1, 3])
+    window = Window(0, 1).plan(n)  # the negative acts on step 0 of every trajectory: DNG's state moves
+    sampler.generate(Batch(["a red ball"] * 2, ["a dog"] * 2, seeds, [window] * 2), [keep])
+    plans = [StepPlan(window.negative | FromStep(k).plan(n).negative, window.inject) for k in starts]
+    joined = sampler.generate(Batch(["a red ball"] * 2, ["a dog"] * 2, seeds, plans,
+                                    resume=[keep.states[j][k] for j, k in enumerate(starts)]))
+    for j, seed in enumerate(seeds):
+        assert np.array_equal(joined[j], sampler.generate(Batch(["a red ball"], ["a dog"], [seed], [plans[j]]))[0]), seed
+
+
 def test_branch_from_a_windowed_prefix_and_a_ddim_scheduler():
     """Snapshots of a lane that had the negative, on a scheduler without per-sample state."""
     sampler = NegativeSampler(tiny_pipeline(2, scheduler="ddim"), steps=5)
@@ -67,8 +111,9 @@ def test_a_snapshot_that_does_not_fit_is_refused(shapes):
         shapes.generate(Batch([PROMPT], [NEG], [3], [FromStep(1).plan(n)], resume=[snap]))
     with pytest.raises(ValueError, match="seed 3, image 'a ball on the grass' / 'sun' / seed 9"):
         shapes.generate(Batch([PROMPT], [NEG], [9], [FromStep(2).plan(n)], resume=[snap]))
-    with pytest.raises(ValueError, match=r"snapshots of steps \[2, 4\]"):
-        shapes.generate(Batch([PROMPT] * 2, [NEG] * 2, [3, 3], [FromStep(4).plan(n)] * 2, resume=[snap, keep.states[0][4]]))
+    with pytest.raises(ValueError, match="hooks see every image at every step"):
+        shapes.generate(Batch([PROMPT] * 2, [NEG] * 2, [3, 3], [FromStep(4).plan(n)] * 2, resume=[snap, keep.states[0][4]]),
+                        [_Rows()])
     with pytest.raises(ValueError, match="another sampler"):
         NegativeSampler(shapes.pipe, steps=8).generate(Batch([PROMPT], [NEG], [3], [FromStep(2).plan(9)], resume=[snap]))
 

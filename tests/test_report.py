@@ -147,6 +147,25 @@ def test_pairs_sharing_seeds_are_pooled_as_pairs_x_seeds(tmp_path):
     assert cat.ci_low <= 5 and cat.ci_high >= 15
 
 
+def test_a_category_pools_only_seeds_where_the_concept_was_drawn(tmp_path):
+    """The screen pads a pair with too few present seeds with absent ones (``sweep.min_seeds``): the pair's
+    row still shows their curve, the category pools only seeds whose plain image showed the concept."""
+    rows = []
+    for pair, seeds, curve, present in ((0, range(4), bump(5, 0.05), True), (1, range(2), bump(20, 0.5), False)):
+        for seed in seeds:
+            rows += [{"pair": pair, "negative": "sun" if pair == 0 else "box", "category": "object", "seed": seed,
+                      "present_without_negative": present, "step": s, "variant": "all_tokens", "ratio": float(v)}
+                     for s, v in enumerate(curve)]
+    (tmp_path / "0").mkdir()
+    pd.DataFrame(rows).to_parquet(tmp_path / "0" / "ratio.parquet")
+    crit = report.critical_steps(report._read(tmp_path, "ratio"), pd.DataFrame())
+    cat = crit[crit.level == "category"].iloc[0]
+    assert (cat.critical_step, cat.n_pairs, cat.n_pair_seeds) == (5, 1, 4)  # with the padding: step 20, 6 pair-seeds
+    assert crit[crit.level == "pair"].set_index("negative").loc["box", "critical_step"] == 20
+    only_padding = report.critical_steps(report._read(tmp_path, "ratio").query("pair == 1"), pd.DataFrame())
+    assert list(only_padding.level) == ["pair"]
+
+
 def test_rates_cluster_by_pair():
     """Four pairs share seeds 0..4: two always show the effect, two never. 20 pair-seeds, but only
     4 independent prompts: the interval must be far wider than Wilson's over 20 trials."""

@@ -349,6 +349,12 @@ def test_each_claim_is_gated_by_its_own_checks(tmp_path):
         screen=screen_rows(4, lambda p: "noisy", "attribute", "paper"))
     row = rows_by_claim(tmp_path / "dark" / "paper").loc[ADJ]
     assert row.verdict == "holds" and row.checks == "attribute_negative_acts, noisy_drawn"
+    # screened, the "dark" pair on the screen's padding only (seeds without its adjective): the category pools
+    # the "noisy" pairs alone, so its checks are noisy's (and the reader's), not dark's
+    padded = [{**r, "present_without_negative": r["negative"] != "dark"} for r in attribute_ratio(4, 4, negated)]
+    job(tmp_path / "dark" / "padded", "0", dark, ratio=padded, screen=screen_rows(4, negated, "attribute", "screened"))
+    row = rows_by_claim(tmp_path / "dark" / "padded").loc[ADJ]
+    assert row.checks == "attribute_negative_acts, noisy_drawn, reader_attributes, reader_noisy" and row.n == "3 pairs x 12 pair-seeds"
 
 
 def test_the_attention_lag_needs_words_that_localize(tmp_path):

@@ -21,7 +21,8 @@ Per prompt pair (object or attribute negative), on any model, read by any evalua
    recomputed; the images equal fresh runs, bit for bit with fixed rows), and k = 0 runs with
    cross-attention recorded in both branches: ordinary negative prompting, whose curves give the
    strength ratio (Figure 3) and the negative word's attention mass inside the concept's region
-   (Figures 1/4). Images of several (pair, seed) share each UNet batch (``batch_size`` images).
+   (Figures 1/4). Images of several (pair, seed) share each UNet batch (``batch_size`` images); the
+   delayed starts fill batches in start-step order, each image joining its call at its own step.
    UNet rows per (pair, seed): 2 n_calls to screen, 2 (n_calls - k) per start k < n_calls;
 3. tables: ``removal.parquet`` (pair, seed, start step, concept still present), ``ratio.parquet``
    (pair, seed, step, variant, ratio), ``attention.parquet`` (pair, seed, step, the negative word's
@@ -48,7 +49,7 @@ from negstudy.datasets import pairs_of
 from negstudy.figures import positive_word_of, save_word_maps
 from negstudy.records import save_png, slug, to_uint8, write_table
 from negstudy.studies import StudyReport, Summary, note_limits, reader_for, screen_without_negative
-from negstudy.sampler import Batch, NegativeSampler
+from negstudy.sampler import Batch, NegativeSampler, UNetRows
 from negstudy.schedules import FromStep
 from negstudy.evaluators.reader import require_reader
 from negstudy.shapes.quality import psnr_outside
@@ -102,11 +103,13 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, reader=None) -
     plain, states = {}, {}
     items = [(p, seed) for p in range(len(pairs)) for seed in seeds]
     chunk = max(1, cfg.batch_size)
+    counts = {phase: UNetRows(sampler) for phase in ("screen", "k = 0", "delayed starts")}
     if reader is not None:  # pairs that share a prompt share its screen images (one per seed)
-        results = screen_without_negative(sampler, reader, [pairs[p].prompt for p, _ in items],
-                                          [pairs[p].negative for p, _ in items], [categories[p] for p, _ in items],
-                                          [seed for _, seed in items], chunk, keep=delayed,
-                                          words=[positive_word_of(pairs[p].prompt) for p, _ in items])
+        with counts["screen"]:
+            results = screen_without_negative(sampler, reader, [pairs[p].prompt for p, _ in items],
+                                              [pairs[p].negative for p, _ in items], [categories[p] for p, _ in items],
+                                              [seed for _, seed in items], chunk, keep=delayed,
+                                              words=[positive_word_of(pairs[p].prompt) for p, _ in items])
     else:
         results = [None] * len(items)
     for (p, seed), s in zip(items, results):
@@ -141,7 +144,8 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, reader=None) -
         recorder = AttentionRecorder(sampler.unet, layers=sw.layers, words=words, maps=maps_kind)
         batch = Batch([pairs[p].prompt for p, _ in part], [pairs[p].negative for p, _ in part],
                       [seed for _, seed in part], [FromStep(0).plan(n)] * len(part))
-        images = to_uint8(sampler.generate(batch, [recorder]))
+        with counts["k = 0"]:
+            images = to_uint8(sampler.generate(batch, [recorder]))
         strength = pd.concat([recorder.strength(v).assign(variant=v) for v in recorder.variants()])
         for j, (p, seed) in enumerate(part):
             pair, (_, plain_present, region, pos_region) = pairs[p], plain[(p, seed)]
@@ -172,15 +176,21 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, reader=None) -
                     for row, heat in zip(rows, daam):
                         row["mass_in_region_daam"] = mass_in_mask(heat, grid)
         bar.update(len(part))
-    for k in delayed:
-        plan = FromStep(k).plan(n)
-        for part in _chunks(swept, cfg.batch_size):
-            batch = Batch([pairs[p].prompt for p, _ in part], [pairs[p].negative for p, _ in part],
-                          [seed for _, seed in part], [plan] * len(part), resume=[states[key][k] for key in part])
-            for key, image in zip(part, to_uint8(sampler.generate(batch))):
-                images_of[key][k] = image
-            bar.update(len(part))
+    # every (start step, pair-seed) in start-step order, batch_size images a call: a call's images of a later
+    # start join its loop at their step, so no call pads a few leftover images of one start to a row block
+    plans = {k: FromStep(k).plan(n) for k in delayed}
+    for part in _chunks([(k, key) for k in delayed for key in swept], cfg.batch_size):
+        batch = Batch([pairs[p].prompt for _, (p, _) in part], [pairs[p].negative for _, (p, _) in part],
+                      [seed for _, (_, seed) in part], [plans[k] for k, _ in part],
+                      resume=[states[key][k] for k, key in part])
+        with counts["delayed starts"]:
+            images = to_uint8(sampler.generate(batch))
+        for (k, key), image in zip(part, images):
+            images_of[key][k] = image
+        bar.update(len(part))
     bar.close()
+    log.info("UNet rows: %s (computed in blocks of %d rows: %d)", ", ".join(f"{k} {c.rows}" for k, c in counts.items()),
+             sampler.fixed_rows, sum(c.padded for c in counts.values()))
 
     # 3. tables, per (pair, seed) in the screen's order
     removal, ratios, attention = [], [], []
@@ -264,7 +274,9 @@ def track(tracker, tables: dict[str, pd.DataFrame], out_dir: Path, cfg: DictConf
     """W&B: the mean strength-ratio curve per category, and each category's critical step."""
     ratio = tables.get("ratio")
     if ratio is not None and not ratio.empty:
-        curves = (ratio[ratio.variant == cfg.sweep.variant].groupby(["step", "category"]).ratio.mean()
+        from negstudy.tables import drawn
+
+        curves = (drawn(ratio[ratio.variant == cfg.sweep.variant]).groupby(["step", "category"]).ratio.mean()
                   .unstack("category").add_prefix("ratio/").reset_index())
         tracker.curves(curves, "step", [c for c in curves if c != "step"])
     crit = Path(out_dir) / "report" / "critical_steps.parquet"
