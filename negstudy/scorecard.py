@@ -49,6 +49,7 @@ another loop length is compared on the paper's grid: step x 30 / (n_calls - 1).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import html
 import json
 import math
@@ -702,6 +703,9 @@ def scorecard(root: str | Path, variant: str = DEFAULT_VARIANT) -> tuple[pd.Data
     pooled = drawn(tables["ratio"])
     attributes = (sorted(set(pooled.loc[pooled.category == "attribute", "negative"].astype(str)))
                   if {"category", "negative"} <= set(pooled.columns) else [])
+    if isinstance(measures.get("adjective_crossing"), Measure) and attributes:  # which adjectives the verdict speaks for
+        m = measures["adjective_crossing"]
+        measures["adjective_crossing"] = dataclasses.replace(m, text=f"on {', '.join(attributes)}: {m.text}")
     rows = []
     for c in CLAIMS:
         m = measures.get(c.key)

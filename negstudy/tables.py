@@ -88,6 +88,13 @@ def _counts(frame: pd.DataFrame) -> dict:
     return {"n_pairs": int(labels.nunique()), "n_pair_seeds": int(len(frame[UNIT].assign(label=labels).drop_duplicates()))}
 
 
+def _padding(frame: pd.DataFrame) -> int:
+    """Pair-seeds of ``frame`` on the screen's padding (the concept absent from the plain image)."""
+    if "present_without_negative" not in frame:
+        return 0
+    return int(frame[frame.present_without_negative.eq(False).to_numpy()][UNIT].drop_duplicates().shape[0])
+
+
 def drawn(frame: pd.DataFrame) -> pd.DataFrame:
     """The rows of pair-seeds whose plain image showed the concept (``present_without_negative``
     True), and those of the paper's unscreened protocol (None: every seed, drawn or not). Left out:
@@ -131,7 +138,8 @@ def critical_steps(ratio: pd.DataFrame, attention: pd.DataFrame, variant: str = 
             peaks = np.nanmax(weighted_means(values, cluster_bootstrap_weights(pairs)), axis=1)
         row = {"level": level, "category": category, "negative": negative,
                "prompt": frame.prompt.iloc[0] if level == "pair" and "prompt" in frame else "",
-               **_counts(frame), "rule": "peak" if category == "object" else DEFAULT_CROSSING,
+               **_counts(frame), "n_without_concept": _padding(frame),
+               "rule": "peak" if category == "object" else DEFAULT_CROSSING,
                "critical_step": ci.step, "ci_low": ci.low, "ci_high": ci.high,
                "never_fraction": getattr(ci, "fraction_never", np.nan),
                "peak_ratio": float(np.nanmax(mean)), "peak_ratio_low": float(np.nanpercentile(peaks, 2.5)),
@@ -199,7 +207,9 @@ def critical_table(crit: pd.DataFrame) -> pd.DataFrame:
     cell, n as pairs x pair-seeds, the three crossing rules side by side (attribute rows); the full
     table (every column) is critical_steps.csv."""
     out = pd.DataFrame({"level": crit.level, "category": crit.category, "negative": crit.negative,
-                        "n (pairs x seeds)": [f"{a} x {b}" for a, b in zip(crit.n_pairs, crit.n_pair_seeds)],
+                        "n (pairs x seeds)": [f"{a} x {b}" + (f" ({int(c)} without the concept)" if c > 0 else "")
+                                              for a, b, c in zip(crit.n_pairs, crit.n_pair_seeds,
+                                                                 crit.get("n_without_concept", pd.Series(0, index=crit.index)))],
                         "rule": crit.rule,
                         "critical step (95 % CI)": [_with_ci(r.critical_step, r.ci_low, r.ci_high) for r in crit.itertuples()]})
     if "prompt" in crit and (crit.prompt.astype(str) != "").any():

@@ -161,7 +161,9 @@ def test_a_category_pools_only_seeds_where_the_concept_was_drawn(tmp_path):
     crit = report.critical_steps(report._read(tmp_path, "ratio"), pd.DataFrame())
     cat = crit[crit.level == "category"].iloc[0]
     assert (cat.critical_step, cat.n_pairs, cat.n_pair_seeds) == (5, 1, 4)  # with the padding: step 20, 6 pair-seeds
-    assert crit[crit.level == "pair"].set_index("negative").loc["box", "critical_step"] == 20
+    box = crit[crit.level == "pair"].set_index("negative").loc["box"]
+    assert (box.critical_step, box.n_without_concept) == (20, 2) and cat.n_without_concept == 0
+    assert report.critical_table(crit)["n (pairs x seeds)"].tolist() == ["1 x 4", "1 x 2 (2 without the concept)", "1 x 4"]
     only_padding = report.critical_steps(report._read(tmp_path, "ratio").query("pair == 1"), pd.DataFrame())
     assert list(only_padding.level) == ["pair"]
 

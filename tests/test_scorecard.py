@@ -355,6 +355,7 @@ def test_each_claim_is_gated_by_its_own_checks(tmp_path):
     job(tmp_path / "dark" / "padded", "0", dark, ratio=padded, screen=screen_rows(4, negated, "attribute", "screened"))
     row = rows_by_claim(tmp_path / "dark" / "padded").loc[ADJ]
     assert row.checks == "attribute_negative_acts, noisy_drawn, reader_attributes, reader_noisy" and row.n == "3 pairs x 12 pair-seeds"
+    assert row.measured.startswith("on noisy: step ")  # the adjectives the verdict speaks for
 
 
 def test_the_attention_lag_needs_words_that_localize(tmp_path):
