@@ -88,22 +88,29 @@ def _counts(frame: pd.DataFrame) -> dict:
     return {"n_pairs": int(labels.nunique()), "n_pair_seeds": int(len(frame[UNIT].assign(label=labels).drop_duplicates()))}
 
 
+def _is_padding(frame: pd.DataFrame) -> np.ndarray:
+    """Per row: whether its pair-seed is the screen's padding (a seed without the concept that
+    ``sweep.min_seeds`` adds to a pair with too few present seeds, so that its curve can still be
+    drawn): the study's ``padding`` column; tables written before it (all screened) say so by
+    ``present_without_negative`` False."""
+    if "padding" in frame:
+        return frame.padding.fillna(False).astype(bool).to_numpy()
+    if "present_without_negative" in frame:
+        return frame.present_without_negative.eq(False).to_numpy()
+    return np.zeros(len(frame), dtype=bool)
+
+
 def _padding(frame: pd.DataFrame) -> int:
-    """Pair-seeds of ``frame`` on the screen's padding (the concept absent from the plain image)."""
-    if "present_without_negative" not in frame:
-        return 0
-    return int(frame[frame.present_without_negative.eq(False).to_numpy()][UNIT].drop_duplicates().shape[0])
+    """Pair-seeds of ``frame`` on the screen's padding."""
+    return int(frame[_is_padding(frame)][UNIT].drop_duplicates().shape[0])
 
 
 def drawn(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows of pair-seeds whose plain image showed the concept (``present_without_negative``
-    True), and those of the paper's unscreened protocol (None: every seed, drawn or not). Left out:
-    the screen's padding (False), seeds without the concept that ``sweep.min_seeds`` adds to a pair
-    with too few present seeds so that its curve can still be drawn; a category pools none of them,
-    as removal against the start step (:func:`removal_vs_start`) never counted them."""
-    if "present_without_negative" not in frame:
-        return frame
-    return frame[~frame.present_without_negative.eq(False).to_numpy()]
+    """``frame`` without the screen's padding: the pair-seeds whose plain image showed the concept
+    (the screened protocol), or every seed, drawn or not (the paper's protocol, ``sweep.screen=false``,
+    which pads nothing). A category pools only these, as removal against the start step
+    (:func:`removal_vs_start`) only ever counted seeds that showed the concept."""
+    return frame[~_is_padding(frame)]
 
 
 def critical_steps(ratio: pd.DataFrame, attention: pd.DataFrame, variant: str = DEFAULT_VARIANT,

@@ -166,6 +166,16 @@ def test_a_category_pools_only_seeds_where_the_concept_was_drawn(tmp_path):
     assert report.critical_table(crit)["n (pairs x seeds)"].tolist() == ["1 x 4", "1 x 2 (2 without the concept)", "1 x 4"]
     only_padding = report.critical_steps(report._read(tmp_path, "ratio").query("pair == 1"), pd.DataFrame())
     assert list(only_padding.level) == ["pair"]
+    from negstudy.studies.critical_step import lines
+
+    only_padding.to_parquet(tmp_path / "critical_steps.parquet")
+    assert lines(tmp_path) == ["critical step, object negatives: not measured (no seed where the concept was drawn; "
+                               "1 pair on the screen's padding only)"]
+    # the paper's protocol (sweep.screen=false) pads nothing: every seed counts, drawn or not, even where a
+    # reader said the concept was absent (the study's padding column is False)
+    paper = report._read(tmp_path, "ratio").assign(padding=False)
+    cat = report.critical_steps(paper, pd.DataFrame()).query("level == 'category'").iloc[0]
+    assert (cat.n_pairs, cat.n_pair_seeds, cat.n_without_concept) == (2, 6, 0)
 
 
 def test_rates_cluster_by_pair():

@@ -22,10 +22,13 @@ def main_job(tmp_path_factory):
     prompt shards, each job's tables, strips and word maps, and the pooled report."""
     tmp = tmp_path_factory.mktemp("main_job")
     out = tmp / "crit"
-    pairs = '[{prompt:"a ball on the grass",negative:sun,category:object},{prompt:"a box in the sky",negative:dark,category:attribute}]'
+    # two pairs whose concept the shipped model draws unasked at 20 steps on seed 0 (scripts/screen_pairs.py
+    # --steps 20: the sun on "a ball at night" and noise on "a sun at night" in 3 of 3 seeds), so each category
+    # pools a seed where its concept was drawn
+    pairs = '[{prompt:"a ball at night",negative:sun,category:object},{prompt:"a sun at night",negative:noisy,category:attribute}]'
     proc = subprocess.run(
-        [sys.executable, "-m", "negstudy", "+sweep=critical_step", "steps=5", "sweep.screen_seeds=2", "sweep.max_seeds=1",
-         "sweep.min_seeds=1", "sweep.stride=2", f"dataset.pairs={pairs}", f"hydra.sweep.dir={out}",
+        [sys.executable, "-m", "negstudy", "+sweep=critical_step", "steps=20", "sweep.screen_seeds=1", "sweep.max_seeds=1",
+         "sweep.min_seeds=1", "sweep.stride=10", f"dataset.pairs={pairs}", f"hydra.sweep.dir={out}",
          "fixed_rows=0"],  # a few images: the overlay's 32-row blocks would be mostly padding
         capture_output=True, text=True, timeout=600, cwd=tmp,
     )
@@ -41,21 +44,22 @@ def test_main_job_end_to_end_on_the_shipped_model(main_job):
     assert "critical step, object negatives:" in pooled and "critical step, attribute negatives:" in pooled
     ratio = pd.concat([pd.read_parquet(out / job / "ratio.parquet") for job in ("0", "1")])
     assert set(pd.read_parquet(out / "0" / "ratio.parquet").category) == {"object"}  # shard 0: the first pair
-    assert set(ratio.category) == {"object", "attribute"} and ratio.step.max() == 5  # PNDM: 6 calls
+    assert set(ratio.category) == {"object", "attribute"} and ratio.step.max() == 20  # PNDM: 21 calls
     assert {"all_tokens", "word_tokens"} <= set(ratio.variant) and (ratio.ratio > 0).all()
     removal = pd.read_parquet(out / "0" / "removal.parquet")
-    assert sorted(removal.start_step.unique()) == [0, 2, 4, 6]  # k = 6: never
+    assert sorted(removal.start_step.unique()) == [0, 10, 20, 21]  # k = 21: never
+    assert removal.present_without_negative.all() and not ratio.padding.any()  # both concepts drawn: no padding
     assert (out / "report" / "ratio_curves.png").stat().st_size > 5000
     crit = pd.read_csv(out / "report" / "critical_steps.csv")
     assert set(crit[crit.level == "category"].category) == {"object", "attribute"}
     maps = np.load(next((out / "0" / "maps").glob("*_s*.npz")))  # the attention grids' input, one per strip
-    assert maps["positive"].shape == maps["negative"].shape and maps["negative"].shape[0] == 6
+    assert maps["positive"].shape == maps["negative"].shape and maps["negative"].shape[0] == 21
     assert str(maps["positive_word"]) == "ball" and np.isfinite(maps["negative"].astype(float)).all()
     from negstudy.tracking import read_offline_run  # W&B offline is the default logger
 
     run = read_offline_run(next((out / "0" / "wandb").glob("offline-run-*")))
     assert "critical_step/object" in run["summary"] and run["group"] == f"critical_step:{out}"
-    assert [row["step"] for row in run["history"] if "ratio/object" in row] == list(range(6))
+    assert [row["step"] for row in run["history"] if "ratio/object" in row] == list(range(21))
     strips = [row for row in run["history"] if row.get("image_strips/_type") == "table-file"]
     assert strips and strips[0]["image_strips/nrows"] == 1  # one (pair, seed) strip in shard 0
 
@@ -123,7 +127,7 @@ def test_strip_tiles_and_verdicts_match_the_run(main_job):
     html_text, rows = report_html.strips_section(out, out / "report", removal)
     assert "strips" in html_text and len(rows) == 2  # one pair per category in this run
     for row in rows:
-        assert row["steps"] == [0, 2, 4, 6] and len(row["tiles"]) == 4
+        assert row["steps"] == [0, 10, 20, 21] and len(row["tiles"]) == 4
         assert all(t.shape == row["tiles"][0].shape for t in row["tiles"])
         g = removal[(removal.job == row["job"]) & (removal.pair == row["pair"]) & (removal.seed == row["seed"])]
         assert row["verdicts"] == {int(k): ("unsure" if pd.isna(v) else bool(v)) for k, v in zip(g.start_step, g.concept_present)}

@@ -215,6 +215,7 @@ def test_the_shipped_model_read_by_another_evaluator(evaluator, tmp_path, monkey
     for p, row in screen.set_index("pair").iterrows():
         assert set(in_sweep[p]) <= set(in_ratio[p]) and len(in_sweep[p]) == 1
         assert len(in_ratio[p]) == max(row.present, 1)  # padded to min_seeds (1) where none is present
+        assert bool(ratio[ratio.pair == p].padding.all()) == (row.present == 0)  # ... and marked so
     assert screen.present.max() >= 2  # "noisy" on "a ball on the grass": the ratio has more pair-seeds than the sweep
 
 

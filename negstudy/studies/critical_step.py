@@ -25,7 +25,8 @@ Per prompt pair (object or attribute negative), on any model, read by any evalua
    delayed starts fill batches in start-step order, each image joining its call at its own step.
    UNet rows per (pair, seed): 2 n_calls to screen, 2 (n_calls - k) per start k < n_calls;
 3. tables: ``removal.parquet`` (pair, seed, start step, concept still present), ``ratio.parquet``
-   (pair, seed, step, variant, ratio), ``attention.parquet`` (pair, seed, step, the negative word's
+   (pair, seed, step, variant, ratio; ``padding``: a seed without the concept added up to
+   ``sweep.min_seeds``, which no category pools), ``attention.parquet`` (pair, seed, step, the negative word's
    mass in the concept's region in the negative branch, and the positive word's mass in ITS object's
    region in the positive branch, where the prompt's first object is surely present; regions are
    pooled onto the attention grid (latents), so SD's 64x64 maps meet a 512x512 detector box);
@@ -156,7 +157,8 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, reader=None) -
                                out_dir / "maps" / f"{name(p, seed)}.npz")
             ratio_rows[(p, seed)] = [
                 {"pair": p, "negative": pair.negative, "category": pair.category, "seed": seed,
-                 "present_without_negative": plain_present, "step": row.step, "variant": row.variant, "ratio": row.ratio}
+                 "present_without_negative": plain_present, "padding": seed in screened[p][1],
+                 "step": row.step, "variant": row.variant, "ratio": row.ratio}
                 for row in strength[strength.image == j].itertuples()]
             rows = attention_rows[(p, seed)] = []
             if grid is not None and grid.any():
@@ -267,6 +269,11 @@ def lines(out: Path) -> list[str]:
             line += (f"; the negative word's attention never concentrates on the concept's region "
                      f"(lift >= {HIT_LIFT:g}) in {int(row.attention_n)} pair-seeds")
         found.append(line)
+    measured = set(crit[crit.level == "category"].category)
+    for category, rows in crit[crit.level == "pair"].groupby("category"):
+        if category not in measured:  # every pair of it on the screen's padding
+            found.append(f"critical step, {category} negatives: not measured (no seed where the concept was drawn; "
+                         f"{len(rows)} pair{'s' if len(rows) != 1 else ''} on the screen's padding only)")
     return found
 
 
