@@ -310,9 +310,7 @@ class NegativeSampler:
             if keys[b] not in first:
                 first[keys[b]] = len(lanes)
                 lanes.append([])
-            lanes[first[keys[b]]].append(b)
-        for lane in lanes:
-            lane.sort()
+            lanes[first[keys[b]]].append(b)  # a lane's images share one snapshot: they stay in batch order
         start = image_start[lanes[0][0]]
         if hooks and any(image_start[lane[0]] != start for lane in lanes):
             raise ValueError("Batch.resume: snapshots of several steps join the loop as it reaches them; hooks see "
@@ -597,16 +595,17 @@ def cpu_fixed_rows(unet, latent_shape: tuple[int, int, int]) -> int:
 
 
 class UNetRows:
-    """Counts the UNet rows of every call made within it: as called, and as computed (padded to the
+    """Counts the UNet calls made within it and their rows: as called, and as computed (padded to the
     sampler's fixed-row blocks). A torch forward pre-hook on the UNet, so it counts any generate call,
     also one whose images join at several steps (where :class:`Hook` s are refused)."""
 
     def __init__(self, sampler: "NegativeSampler"):
         self.unet, self.block = sampler.unet, sampler.fixed_rows
-        self.rows = self.padded = 0
+        self.calls = self.rows = self.padded = 0
 
     def _count(self, module, args) -> None:
         n = int(args[0].shape[0])
+        self.calls += 1
         self.rows += n
         self.padded += -(-n // self.block) * self.block if self.block else n
 

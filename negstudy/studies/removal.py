@@ -91,7 +91,7 @@ from negstudy.evaluators import Evaluator
 from negstudy.labels import label_set
 from negstudy.metrics import background_scores
 from negstudy.records import save_png, strip_name, to_uint8, write_table, write_text
-from negstudy.sampler import Batch, Hook, KeepStates, NegativeSampler, Snapshot
+from negstudy.sampler import Batch, KeepStates, NegativeSampler, Snapshot, UNetRows
 from negstudy.schedules import Always, Never, StepPlan, Window
 from negstudy.studies import StudyReport, Summary
 
@@ -137,20 +137,6 @@ class Job:
     end: int = 0
     image: np.ndarray | None = None
     snapshot: Snapshot | None = None
-
-
-class RowCounter(Hook):
-    """UNet rows computed (the CPU's cost): as called, and padded to the sampler's fixed row blocks."""
-
-    def __init__(self, block: int):
-        self.block, self.rows, self.padded, self.calls = block, 0, 0, 0
-
-    def on_start(self, sampler, batch) -> None:
-        self.calls += 1
-
-    def before_unet(self, step, rows) -> None:
-        self.rows += len(rows)
-        self.padded += -(-len(rows) // self.block) * self.block if self.block else len(rows)
 
 
 def scale(step: int, of: int, n: int) -> int:
@@ -229,103 +215,103 @@ def run(cfg: DictConfig, sampler: NegativeSampler, out_dir: Path, evaluator: Eva
     # 1-3 in waves of originals, so the kept trajectory states stay bounded (a few MB per original)
     items = [(c, int(seed)) for c in range(len(captions)) for seed in cfg.seeds]
     rows_per_image = 3 if sampler.three_branches else 2
-    counter = RowCounter(sampler.fixed_rows)
     originals, targets = [], []
-    for w in range(0, len(items), WAVE * chunk):
-        wave_items = items[w : w + WAVE * chunk]
+    with UNetRows(sampler) as counter:  # the UNet rows and calls of every generate call below
+        for w in range(0, len(items), WAVE * chunk):
+            wave_items = items[w : w + WAVE * chunk]
 
-        # 1. originals, and the objects to remove from each; each original's state is kept at every
-        #    step a window may start from (window[0], and k* anywhere under negstudy's protocol)
-        keep_steps = {window[0], fallback} if paper else set(range(1, n))
-        new, states = [], {}
-        for i in tqdm(range(0, len(wave_items), chunk), desc="originals (no negative)", unit="batch"):
-            part = wave_items[i : i + chunk]
-            keep = KeepStates(keep_steps - {0})
-            plan = Never().plan(n)
-            images = to_uint8(sampler.generate(Batch([captions[c] for c, _ in part], [""] * len(part), [s for _, s in part],
-                                                     [plan] * len(part)), [keep, counter]))
-            for j, ((c, seed), image, found) in enumerate(zip(part, images, evaluator.objects(images, labels))):
-                if found is None:
-                    kept = []
-                elif paper:
-                    kept = paper_targets(captions[c], found, r.drop)
-                else:
-                    kept = [o for o in found if not named_in(captions[c], o) and o not in r.drop][: r.max_objects]
-                originals.append({"caption": c, "prompt": captions[c], "seed": seed, "judged": found is not None,
-                                  "objects": ",".join(found or []), "targets": ",".join(kept)})
-                new += [Target(c, captions[c], seed, o, found[o], image, found=tuple(found)) for o in kept]
-                if kept:  # the other originals' states are freed
-                    states[(c, seed)] = keep.states.get(j, {})
-        log.info("removal: %d originals, %d objects to remove", len(wave_items), len(new))
+            # 1. originals, and the objects to remove from each; each original's state is kept at every
+            #    step a window may start from (window[0], and k* anywhere under negstudy's protocol)
+            keep_steps = {window[0], fallback} if paper else set(range(1, n))
+            new, states = [], {}
+            for i in tqdm(range(0, len(wave_items), chunk), desc="originals (no negative)", unit="batch"):
+                part = wave_items[i : i + chunk]
+                keep = KeepStates(keep_steps - {0})
+                plan = Never().plan(n)
+                images = to_uint8(sampler.generate(Batch([captions[c] for c, _ in part], [""] * len(part), [s for _, s in part],
+                                                         [plan] * len(part)), [keep]))
+                for j, ((c, seed), image, found) in enumerate(zip(part, images, evaluator.objects(images, labels))):
+                    if found is None:
+                        kept = []
+                    elif paper:
+                        kept = paper_targets(captions[c], found, r.drop)
+                    else:
+                        kept = [o for o in found if not named_in(captions[c], o) and o not in r.drop][: r.max_objects]
+                    originals.append({"caption": c, "prompt": captions[c], "seed": seed, "judged": found is not None,
+                                      "objects": ",".join(found or []), "targets": ",".join(kept)})
+                    new += [Target(c, captions[c], seed, o, found[o], image, found=tuple(found)) for o in kept]
+                    if kept:  # the other originals' states are freed
+                        states[(c, seed)] = keep.states.get(j, {})
+            log.info("removal: %d originals, %d objects to remove", len(wave_items), len(new))
 
-        # 2. from-0, with its negative-branch attention -> this sample's critical step
-        def record(jobs):
-            return [] if paper else [AttentionRecorder(sampler.unet, layers=cfg.sweep.layers,
-                                                       words=sorted({job.target.object for job in jobs}))]
+            # 2. from-0, with its negative-branch attention -> this sample's critical step
+            def record(jobs):
+                return [] if paper else [AttentionRecorder(sampler.unet, layers=cfg.sweep.layers,
+                                                           words=sorted({job.target.object for job in jobs}))]
 
-        def critical(jobs, images, hooks):
-            for j, job in enumerate(jobs):
-                t = job.target
-                if paper:  # the author's adaptive window starts at a fixed step
-                    t.critical_step, t.critical_source = fallback, "fixed"
-                else:
-                    k = critical_step(hooks[0].maps(j, "negative", t.object).float().numpy(), t.mask, r.hit_lift)
-                    t.critical_step, t.critical_source = (k, "attention") if k is not None else (fallback, "fallback")
+            def critical(jobs, images, hooks):
+                for j, job in enumerate(jobs):
+                    t = job.target
+                    if paper:  # the author's adaptive window starts at a fixed step
+                        t.critical_step, t.critical_source = fallback, "fixed"
+                    else:
+                        k = critical_step(hooks[0].maps(j, "negative", t.object).float().numpy(), t.mask, r.hit_lift)
+                        t.critical_step, t.critical_source = (k, "attention") if k is not None else (fallback, "fallback")
 
-        from0 = [Job(t, Always().plan(n), 0) for t in new]
-        _run_jobs(sampler, from0, 2 * chunk, rows_per_image, counter, "from-0", hooks=record, after=critical)
-        for t, job in zip(new, from0):
-            t.images["from0"] = job.image
-            t.rows["from0"] = {"start": 0, "end": n - 1, "regenerations": 0}
-        for s in range(0, len(new), chunk):
-            _judge_removed(evaluator, new[s : s + chunk], ("from0",), present_of, paper)
-        for key, kept in states.items():  # only the steps a window of this original starts from
-            starts = {window[0]} | {t.critical_step for t in new if (t.caption, t.seed) == key}
-            states[key] = {k: v for k, v in kept.items() if k in starts}
+            from0 = [Job(t, Always().plan(n), 0) for t in new]
+            _run_jobs(sampler, from0, 2 * chunk, rows_per_image, "from-0", hooks=record, after=critical)
+            for t, job in zip(new, from0):
+                t.images["from0"] = job.image
+                t.rows["from0"] = {"start": 0, "end": n - 1, "regenerations": 0}
+            for s in range(0, len(new), chunk):
+                _judge_removed(evaluator, new[s : s + chunk], ("from0",), present_of, paper)
+            for key, kept in states.items():  # only the steps a window of this original starts from
+                starts = {window[0]} | {t.critical_step for t in new if (t.caption, t.seed) == key}
+                states[key] = {k: v for k, v in kept.items() if k in starts}
 
-        # 3. the fixed window and the adaptive window's candidates [k*, e_0], [k*, e_1], ..., judged in
-        #    order, stopping at the first success (a paid judge sees exactly the sequential algorithm's
-        #    calls). Every candidate continues a kept trajectory: the window and the first candidate the
-        #    original's at their start step (their prefix IS the original's), candidate j the negative's
-        #    trunk [k*, ...] at step e_{j-1} + 1 kept while making candidate j - 1; so no prefix is
-        #    recomputed, and candidates after the first success are never made
-        pending, attempt = list(new), 0
-        jobs = [Job(t, Window(*window).plan(n), window[0], states[(t.caption, t.seed)]) for t in new]
-        while pending:
-            adaptive = []
-            for t in pending:
-                e = ends(t)
-                trunk = t.trunk if attempt else states[(t.caption, t.seed)]
-                adaptive.append(Job(t, Window(t.critical_step, e[attempt]).plan(n),
-                                    e[attempt - 1] + 1 if attempt else t.critical_step, trunk,
-                                    keep=e[attempt] + 1 if attempt + 1 < len(e) else None, end=e[attempt]))
-            _run_jobs(sampler, jobs + adaptive, 2 * chunk, rows_per_image, counter,
-                      "fixed and adaptive windows" if attempt == 0 else f"adaptive window, try {attempt + 1}")
-            if attempt == 0:
-                for t, job in zip(new, jobs):
-                    t.images["window"] = job.image
-                    t.rows["window"] = {"start": window[0], "end": window[1], "regenerations": 0}
-                for s in range(0, len(new), chunk):
-                    _judge_removed(evaluator, new[s : s + chunk], ("window",), present_of, paper)
-                states = {}  # the originals' states are no longer needed
-            verdicts = []
-            for s in range(0, len(adaptive), chunk):
-                part = adaptive[s : s + chunk]
-                verdicts += present_of(np.stack([job.image for job in part]), [job.target.object for job in part])
-            pending = []
-            for job, present in zip(adaptive, verdicts):
-                t = job.target
-                t.images["adaptive"] = job.image
-                t.rows["adaptive"] = {"start": t.critical_step, "end": job.end,
-                                      "regenerations": attempt,
-                                      "removed": paper_removed(present) if paper else (None if present is None else not present)}
-                t.trunk = {job.keep: job.snapshot} if job.keep is not None else {}
-                if present is not False and job.keep is not None:
-                    pending.append(t)
-            jobs, attempt = [], attempt + 1
-        for t in new:
-            t.trunk = {}
-        targets += new
+            # 3. the fixed window and the adaptive window's candidates [k*, e_0], [k*, e_1], ..., judged in
+            #    order, stopping at the first success (a paid judge sees exactly the sequential algorithm's
+            #    calls). Every candidate continues a kept trajectory: the window and the first candidate the
+            #    original's at their start step (their prefix IS the original's), candidate j the negative's
+            #    trunk [k*, ...] at step e_{j-1} + 1 kept while making candidate j - 1; so no prefix is
+            #    recomputed, and candidates after the first success are never made
+            pending, attempt = list(new), 0
+            jobs = [Job(t, Window(*window).plan(n), window[0], states[(t.caption, t.seed)]) for t in new]
+            while pending:
+                adaptive = []
+                for t in pending:
+                    e = ends(t)
+                    trunk = t.trunk if attempt else states[(t.caption, t.seed)]
+                    adaptive.append(Job(t, Window(t.critical_step, e[attempt]).plan(n),
+                                        e[attempt - 1] + 1 if attempt else t.critical_step, trunk,
+                                        keep=e[attempt] + 1 if attempt + 1 < len(e) else None, end=e[attempt]))
+                _run_jobs(sampler, jobs + adaptive, 2 * chunk, rows_per_image,
+                          "fixed and adaptive windows" if attempt == 0 else f"adaptive window, try {attempt + 1}")
+                if attempt == 0:
+                    for t, job in zip(new, jobs):
+                        t.images["window"] = job.image
+                        t.rows["window"] = {"start": window[0], "end": window[1], "regenerations": 0}
+                    for s in range(0, len(new), chunk):
+                        _judge_removed(evaluator, new[s : s + chunk], ("window",), present_of, paper)
+                    states = {}  # the originals' states are no longer needed
+                verdicts = []
+                for s in range(0, len(adaptive), chunk):
+                    part = adaptive[s : s + chunk]
+                    verdicts += present_of(np.stack([job.image for job in part]), [job.target.object for job in part])
+                pending = []
+                for job, present in zip(adaptive, verdicts):
+                    t = job.target
+                    t.images["adaptive"] = job.image
+                    t.rows["adaptive"] = {"start": t.critical_step, "end": job.end,
+                                          "regenerations": attempt,
+                                          "removed": paper_removed(present) if paper else (None if present is None else not present)}
+                    t.trunk = {job.keep: job.snapshot} if job.keep is not None else {}
+                    if present is not False and job.keep is not None:
+                        pending.append(t)
+                jobs, attempt = [], attempt + 1
+            for t in new:
+                t.trunk = {}
+            targets += new
     log.info("removal: %d originals, %d objects, %d UNet rows (%d in blocks of %d rows), %d UNet calls",
              len(originals), len(targets), counter.rows, counter.padded, sampler.fixed_rows, counter.calls)
 
@@ -419,7 +405,7 @@ def pack(starts: list[int], available: list, n: int, rows_per_image: int, block:
     return calls[::-1]
 
 
-def _run_jobs(sampler: NegativeSampler, jobs: list[Job], max_rows: int, rows_per_image: int, counter: RowCounter,
+def _run_jobs(sampler: NegativeSampler, jobs: list[Job], max_rows: int, rows_per_image: int,
               desc: str, hooks=None, after=None) -> None:
     """Make every job's image (and the state it keeps), in the UNet calls :func:`pack` plans.
 
@@ -437,7 +423,7 @@ def _run_jobs(sampler: NegativeSampler, jobs: list[Job], max_rows: int, rows_per
         t = [job.target for job in part]
         batch = Batch([x.prompt for x in t], [x.object for x in t], [x.seed for x in t], [job.plan for job in part],
                       resume=[job.states[step] for job in part] if step else None)
-        images = to_uint8(sampler.generate(batch, [*extra, keep, counter]))
+        images = to_uint8(sampler.generate(batch, [*extra, keep]))
         for j, (job, image) in enumerate(zip(part, images)):
             job.image = image
             if job.keep is not None:
